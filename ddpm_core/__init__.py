@@ -1,0 +1,30 @@
+"""ddpm_core: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020), readable and tested.
+
+Modules, in the order data flows: config -> schedule -> diffusion (forward process, loss) ->
+layers / unet / denoisers (the model) -> sampling (DDPM, DDIM) -> plotting -> cli.
+"""
+
+from ddpm_core.config import DiffusionConfig, ModelConfig
+from ddpm_core.denoisers import build_model, count_parameters
+from ddpm_core.diffusion import loss_simple, predict_x0_from_eps, q_posterior, q_sample
+from ddpm_core.sampling import ddim_sample, ddim_step, ddpm_sample, ddpm_step, sample
+from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.unet import UNet
+
+__all__ = [
+    "DiffusionConfig",
+    "ModelConfig",
+    "NoiseSchedule",
+    "UNet",
+    "build_model",
+    "count_parameters",
+    "ddim_sample",
+    "ddim_step",
+    "ddpm_sample",
+    "ddpm_step",
+    "loss_simple",
+    "predict_x0_from_eps",
+    "q_posterior",
+    "q_sample",
+    "sample",
+]

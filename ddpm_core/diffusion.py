@@ -1,0 +1,128 @@
+"""The forward process q and the training objective of Ho et al. 2020.
+
+This module owns q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0), the x0 <- eps
+reparametrisation and L_simple. The coefficients come from `ddpm_core.schedule`; the reverse
+process (sampling) lives in `ddpm_core.sampling`.
+
+Notation (code name -> paper symbol; t is 0-indexed, index t is the paper's step t + 1):
+
+| code name      | symbol                       | meaning                                     |
+|----------------|------------------------------|---------------------------------------------|
+| x0             | x_0                          | clean image, scaled to [-1, 1]              |
+| x_t            | x_t                          | noised image at step t                      |
+| x_prev         | x_{t-1}                      | one step less noisy                         |
+| eps            | epsilon                      | the Gaussian noise that made x_t from x0    |
+| eps_pred       | epsilon_theta(x_t, t)        | the model's prediction of eps               |
+| x0_pred        | x_0 hat                      | x0 recovered from x_t and eps_pred, Eq. (15)|
+| t              | t - 1 (0-indexed)            | LongTensor of shape (B,)                    |
+
+Equations used: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Eq. (4);
+q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I), Eqs. (6)-(7);
+x_0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), Eq. (15) rearranged;
+L_simple = E_{t, x0, eps} || eps - eps_theta(x_t, t) ||^2, Eq. (14).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from ddpm_core.schedule import NoiseSchedule, gather
+
+
+class Denoiser(Protocol):
+    """Anything that maps (x_t (B, C, H, W), t (B,), y (B,) or None) to eps_pred (B, C, H, W)."""
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor: ...
+
+
+class Posterior(NamedTuple):
+    """q(x_{t-1} | x_t, x_0) = N(mean, variance I); each shaped to broadcast against x_t."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance_clipped: torch.Tensor
+
+
+def q_sample(
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0) in one step: sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps.
+
+    Ho et al. 2020, Eq. (4). x0 (B, C, H, W), t (B,) -> x_t (B, C, H, W). Pass `noise` to
+    choose eps yourself, otherwise it is drawn from `generator`.
+    """
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return (
+        gather(schedule.sqrt_alphas_cumprod, t, x0.ndim) * x0
+        + gather(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise
+    )
+
+
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Posterior:
+    """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020, Eqs. (6)-(7).
+
+    mu_tilde = coef1 * x0 + coef2 * x_t, variance beta_tilde_t. x0, x_t (B, C, H, W), t (B,).
+    """
+    mean = (
+        gather(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
+        + gather(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
+    )
+    return Posterior(
+        mean=mean,
+        variance=gather(schedule.posterior_variance, t, x_t.ndim),
+        log_variance_clipped=gather(schedule.posterior_log_variance_clipped, t, x_t.ndim),
+    )
+
+
+def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """x0 = x_t / sqrt(alpha_bar_t) - sqrt(1 / alpha_bar_t - 1) eps: Eq. (4) solved for x0
+    (the x0 hat of Ho et al. 2020, Eq. (15)). Shapes (B, C, H, W), t (B,)."""
+    return (
+        gather(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t
+        - gather(schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim) * eps
+    )
+
+
+def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """The inverse of `predict_x0_from_eps`: eps = (x_t / sqrt(alpha_bar_t) - x0) / sqrt(1 / alpha_bar_t - 1)."""
+    return (gather(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / gather(
+        schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim
+    )
+
+
+def sample_timesteps(
+    batch_size: int, num_timesteps: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """t ~ Uniform{0, ..., T - 1} (B,): all T steps, as in Ho et al. 2020, Alg. 1 line 3
+    (the paper's Uniform{1, ..., T}, 0-indexed). Never `randint(1, T)`, which skips a step."""
+    return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
+
+
+def loss_simple(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    x0: torch.Tensor,
+    y: torch.Tensor | None = None,
+    t: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L_simple, the unweighted eps-MSE of Ho et al. 2020, Eq. (14) and Alg. 1. Returns a scalar.
+
+    x0 (B, C, H, W) in [-1, 1]; t (B,) and noise default to fresh uniform steps and N(0, I).
+    """
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device, generator)
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    x_t = q_sample(schedule, x0, t, noise=noise)
+    eps_pred = model(x_t, t, y)
+    return F.mse_loss(eps_pred.float(), noise.float())

@@ -1,0 +1,303 @@
+"""The reverse process: DDPM ancestral sampling and DDIM, each a step function plus a loop.
+
+This module owns p(x_{t-1} | x_t) given the model's eps prediction; it never builds or trains
+a model. A step takes eps_pred and returns x_prev, so the whole reverse loop fits in a few
+lines that a notebook can write itself:
+
+    x = torch.randn(shape, generator=generator)
+    for t in reversed(range(schedule.num_timesteps)):
+        eps_pred = model(x, torch.full((len(x),), t))
+        x = ddpm_step(schedule, eps_pred, x, t, generator=generator).x_prev
+
+`ddpm_sample` and `ddim_sample` are that loop with trajectories, progress bars, eval mode and
+`torch.inference_mode()` added. t is 0-indexed (index t is the paper's step t + 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm_core.config import SamplerName, SpacingName, VarianceName, check_choice
+from ddpm_core.diffusion import Denoiser
+from ddpm_core.schedule import NoiseSchedule
+
+
+class StepOutput(NamedTuple):
+    x_prev: torch.Tensor  # x_{t-1} (B, C, H, W)
+    x0_pred: torch.Tensor  # the x0 this step predicted (clipped if asked), (B, C, H, W)
+
+
+class Trajectory(NamedTuple):
+    timesteps: list[int]  # the t recorded, in the order visited (descending)
+    x_t: torch.Tensor  # (K, B, C, H, W): the input of step t, on the CPU
+    x0_pred: torch.Tensor  # (K, B, C, H, W): the x0 predicted at step t, on the CPU
+
+
+class SampleOutput(NamedTuple):
+    samples: torch.Tensor  # x_0 (B, C, H, W)
+    trajectory: Trajectory | None
+
+
+def ddpm_step(
+    schedule: NoiseSchedule,
+    eps_pred: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    variance: VarianceName = "fixedlarge",
+    clip_denoised: bool = True,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One ancestral step x_t -> x_{t-1} ~ N(mu_tilde(x_t, x0_pred), sigma_t^2 I).
+
+    Ho et al. 2020, Alg. 2, in the form of the authors' code: the posterior mean is formed
+    from a (clipped) x0 prediction rather than Alg. 2's closed form, which it equals when no
+    clipping happens. `variance`: "fixedlarge" sigma_t^2 = beta_t (the paper's CIFAR-10
+    choice, FID 3.17), "fixedsmall" sigma_t^2 = beta_tilde_t (Sec. 3.2).
+    """
+    check_choice(variance, VarianceName, "variance")
+    # 1. predict x0 from eps: Ho et al. 2020, Eq. (15)
+    x0_pred = schedule.sqrt_recip_alphas_cumprod[t] * x_t - schedule.sqrt_recipm1_alphas_cumprod[t] * eps_pred
+    # 2. clip x0 to [-1, 1], the data range
+    if clip_denoised:
+        x0_pred = x0_pred.clamp(-1.0, 1.0)
+    # 3. posterior mean: Ho et al. 2020, Eq. (7)
+    mean = schedule.posterior_mean_coef1[t] * x0_pred + schedule.posterior_mean_coef2[t] * x_t
+    # 4. add noise with the chosen variance (none at t = 0: Alg. 2, line 3)
+    if t == 0:
+        return StepOutput(mean, x0_pred)
+    sigma_sq = schedule.betas[t] if variance == "fixedlarge" else schedule.posterior_variance[t]
+    if noise is None:
+        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+    return StepOutput(mean + sigma_sq.sqrt() * noise, x0_pred)
+
+
+class DDIMCoefficients(NamedTuple):
+    """The scalars of one DDIM step t -> t_prev (0-d tensors on the schedule's device)."""
+
+    sqrt_alpha_bar_prev: torch.Tensor  # sqrt(alpha_bar_{t_prev})
+    direction: torch.Tensor  # sqrt(1 - alpha_bar_{t_prev} - sigma_t^2)
+    sigma: torch.Tensor  # sigma_t(eta), Eq. (16)
+
+
+def ddim_coefficients(schedule: NoiseSchedule, t: int, t_prev: int, eta: float) -> DDIMCoefficients:
+    """Song et al. 2021 (DDIM), Eqs. (12) and (16), for one pair (t, t_prev).
+
+    1 - alpha_bar and 1 - alpha_bar_t / alpha_bar_prev are differences of numbers near 1 at
+    small t, where float32 alpha_bar would lose ~1e-3 of their value: they are formed with
+    expm1 from log alpha_bar, which float32 holds to full relative precision there.
+    """
+    log_ab = schedule.log_alphas_cumprod[t]
+    log_ab_prev = schedule.log_alphas_cumprod[t_prev] if t_prev >= 0 else log_ab.new_zeros(())
+    one_minus_ab, one_minus_ab_prev = -torch.expm1(log_ab), -torch.expm1(log_ab_prev)
+    sigma = eta * (one_minus_ab_prev / one_minus_ab * -torch.expm1(log_ab - log_ab_prev)).sqrt()
+    return DDIMCoefficients(
+        sqrt_alpha_bar_prev=(0.5 * log_ab_prev).exp(),
+        direction=(one_minus_ab_prev - sigma**2).clamp(min=0).sqrt(),
+        sigma=sigma,
+    )
+
+
+def ddim_step(
+    schedule: NoiseSchedule,
+    eps_pred: torch.Tensor,
+    x_t: torch.Tensor,
+    t: int,
+    t_prev: int,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """One DDIM step x_t -> x_{t_prev}, Song et al. 2021 (DDIM), Eq. (12).
+
+    t_prev < t may skip steps; t_prev = -1 means "to x_0" (alpha_bar = 1). eta = 0 is
+    deterministic DDIM, eta = 1 is DDPM with sigma^2 = beta_tilde. When x0 is clipped, eps is
+    recomputed from the clipped x0 so that both terms of Eq. (12) agree (as improved-diffusion
+    does; diffusers' `use_clipped_model_output=True`).
+    """
+    coef = ddim_coefficients(schedule, t, t_prev, eta)
+    # 1. predict x0 from eps: DDIM Eq. (12), "predicted x0" (= Ho et al. 2020, Eq. (15))
+    x0_pred = schedule.sqrt_recip_alphas_cumprod[t] * x_t - schedule.sqrt_recipm1_alphas_cumprod[t] * eps_pred
+    # 2. clip x0 to [-1, 1] and make eps consistent with it
+    if clip_denoised:
+        x0_pred = x0_pred.clamp(-1.0, 1.0)
+        eps_pred = (schedule.sqrt_recip_alphas_cumprod[t] * x_t - x0_pred) / schedule.sqrt_recipm1_alphas_cumprod[t]
+    # 3. x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - sigma^2) eps: Eq. (12)
+    x_prev = coef.sqrt_alpha_bar_prev * x0_pred + coef.direction * eps_pred
+    # 4. + sigma_t z, with sigma_t(eta) of Eq. (16); zero for eta = 0 and at the last step
+    if eta > 0 and t_prev >= 0:
+        if noise is None:
+            noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        x_prev = x_prev + coef.sigma * noise
+    return StepOutput(x_prev, x0_pred)
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: SpacingName = "uniform") -> list[int]:
+    """The S timesteps tau_0 < ... < tau_{S-1} that DDIM visits (Song et al. 2021, Sec. 4.2).
+
+    "uniform": tau_i = floor(i * T / S), the paper's linear tau_i = floor(c i).
+    "quadratic": tau_i = floor(c i^2) with tau_{S-1} = floor(0.8 T), as in the authors' code
+    (used for CIFAR-10, Appendix D.2). Where rounding would repeat a step (small i, large S),
+    it is moved up by one, so that there are always exactly S distinct steps.
+    """
+    check_choice(spacing, SpacingName, "spacing")
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be between 1 and T = {num_timesteps}, got {num_steps}")
+    if spacing == "uniform":
+        return [i * num_timesteps // num_steps for i in range(num_steps)]
+    c = 0.8 * num_timesteps / max(num_steps - 1, 1) ** 2
+    steps: list[int] = []
+    for i in range(num_steps):
+        tau = int(math.floor(c * i * i + 1e-9))
+        steps.append(max(tau, steps[-1] + 1) if steps else tau)
+    return steps
+
+
+def ddpm_sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    variance: VarianceName = "fixedlarge",
+    clip_denoised: bool = True,
+    **loop_options,
+) -> SampleOutput:
+    """Draw samples with all T ancestral steps of Ho et al. 2020, Alg. 2.
+
+    `loop_options` are those of `reverse_loop`: y, x_T, generator, device, trajectory_steps,
+    progress, amp.
+    """
+    check_choice(variance, VarianceName, "variance")
+    pairs = [(t, t - 1) for t in reversed(range(schedule.num_timesteps))]  # [(T-1, T-2), ..., (0, -1)]
+
+    def step(eps_pred, x_t, t, t_prev, generator):
+        return ddpm_step(schedule, eps_pred, x_t, t, variance, clip_denoised, generator=generator)
+
+    return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
+
+
+def ddim_sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    num_steps: int = 50,
+    eta: float = 0.0,
+    spacing: SpacingName = "uniform",
+    clip_denoised: bool = True,
+    **loop_options,
+) -> SampleOutput:
+    """Draw samples with S = `num_steps` DDIM steps (Song et al. 2021, Eq. 12).
+
+    `loop_options` are those of `reverse_loop`.
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    taus = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
+    pairs = list(zip(reversed(taus), [*reversed(taus[:-1]), -1]))  # [(tau_{S-1}, tau_{S-2}), ..., (tau_0, -1)]
+
+    def step(eps_pred, x_t, t, t_prev, generator):
+        return ddim_step(schedule, eps_pred, x_t, t, t_prev, eta, clip_denoised, generator=generator)
+
+    return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
+
+
+StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Generator | None"], StepOutput]
+
+
+@torch.inference_mode()
+def reverse_loop(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    pairs: Sequence[tuple[int, int]],
+    step: StepFn,
+    y: torch.Tensor | None = None,
+    x_T: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    trajectory_steps: Iterable[int] | None = None,
+    progress: bool = False,
+    amp: bool = False,
+) -> SampleOutput:
+    """Run `step` over the (t, t_prev) `pairs`, starting from x_T ~ N(0, I) of `shape`.
+
+    y: class labels (B,) for a class-conditional model. generator: drives every random draw
+    (it must live on `device`). device: defaults to the model's. trajectory_steps: the t at
+    which to keep x_t and x0_pred (for pictures). amp: run the model under bfloat16 autocast
+    (worth it on recent GPUs; the step arithmetic stays float32).
+    """
+    if device is None:
+        device = next(iter(model.parameters())).device if isinstance(model, torch.nn.Module) else "cpu"
+    device = torch.device(device)
+    schedule = schedule.to(device)
+    if x_T is None:
+        x_T = torch.randn(tuple(shape), generator=generator, device=device)
+    x = x_T.to(device)
+    if y is not None:
+        y = y.to(device)
+    keep = set(trajectory_steps or ())
+    recorded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+    with _eval_mode(model):
+        for t, t_prev in tqdm(pairs, desc="sampling", disable=not progress, leave=False):
+            t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
+            with autocast:
+                eps_pred = model(x, t_batch, y).float()
+            x_next, x0_pred = step(eps_pred, x, t, t_prev, generator)
+            if t in keep:
+                recorded.append((t, x.cpu(), x0_pred.cpu()))
+            x = x_next
+
+    trajectory = None
+    if keep:
+        trajectory = Trajectory(
+            timesteps=[t for t, _, _ in recorded],
+            x_t=torch.stack([x_t for _, x_t, _ in recorded]) if recorded else torch.empty(0, *x.shape),
+            x0_pred=torch.stack([x0 for _, _, x0 in recorded]) if recorded else torch.empty(0, *x.shape),
+        )
+    return SampleOutput(x, trajectory)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Denoiser):
+    """Put a module in eval mode (no dropout) for the loop, then restore its mode."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def sample(
+    model: Denoiser,
+    schedule: NoiseSchedule,
+    shape: Sequence[int],
+    sampler: SamplerName = "ddpm",
+    num_steps: int | None = None,
+    variance: VarianceName = "fixedlarge",
+    eta: float = 0.0,
+    spacing: SpacingName = "uniform",
+    clip_denoised: bool = True,
+    **loop_options,
+) -> SampleOutput:
+    """Either sampler by name: "ddpm" (all T steps; `num_steps` must be None or T) or "ddim"
+    (`num_steps` S, default 50)."""
+    check_choice(sampler, SamplerName, "sampler")
+    if sampler == "ddpm":
+        if num_steps not in (None, schedule.num_timesteps):
+            raise ValueError(
+                f"the DDPM sampler takes all T = {schedule.num_timesteps} steps; "
+                f"use sampler='ddim' for {num_steps} steps"
+            )
+        return ddpm_sample(model, schedule, shape, variance, clip_denoised, **loop_options)
+    return ddim_sample(model, schedule, shape, num_steps or 50, eta, spacing, clip_denoised, **loop_options)

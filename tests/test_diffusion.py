@@ -1,0 +1,118 @@
+"""The forward process, the posterior and L_simple against their closed forms."""
+
+import pytest
+import torch
+
+from ddpm_core.diffusion import (
+    loss_simple,
+    predict_eps_from_x0,
+    predict_x0_from_eps,
+    q_posterior,
+    q_sample,
+    sample_timesteps,
+)
+
+
+def test_q_sample_is_eq_4_with_given_noise(linear_schedule):
+    x0 = torch.rand(4, 3, 8, 8) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 10, 500, 999])
+    x_t = q_sample(linear_schedule, x0, t, noise=noise)
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)[t].float()
+    expected = abar.sqrt()[:, None, None, None] * x0 + (1 - abar).sqrt()[:, None, None, None] * noise
+    torch.testing.assert_close(x_t, expected)
+
+
+@pytest.mark.parametrize("t", [0, 100, 600, 999])
+def test_q_sample_has_the_right_mean_and_variance(linear_schedule, t):
+    n = 200_000
+    x0 = torch.tensor([-0.8, 0.0, 0.5, 1.0]).view(1, 4, 1, 1).expand(n, 4, 1, 1)
+    generator = torch.Generator().manual_seed(1)
+    x_t = q_sample(linear_schedule, x0, torch.full((n,), t), generator=generator)
+    abar = linear_schedule.alphas_cumprod[t]
+    torch.testing.assert_close(x_t.mean(0), abar.sqrt() * x0[0], rtol=0, atol=0.01)
+    torch.testing.assert_close(x_t.var(0), (1 - abar).expand(4, 1, 1), rtol=0.02, atol=0)
+
+
+def test_q_sample_is_reproducible_with_a_generator(linear_schedule):
+    x0, t = torch.zeros(2, 1, 4, 4), torch.tensor([3, 700])
+    a = q_sample(linear_schedule, x0, t, generator=torch.Generator().manual_seed(5))
+    b = q_sample(linear_schedule, x0, t, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, b)
+
+
+def test_posterior_matches_bayes_rule(linear_schedule):
+    """q(x_{t-1} | x_t, x_0) from the product of q(x_t | x_{t-1}) and q(x_{t-1} | x_0),
+    computed here independently in float64 (completing the square)."""
+    s = linear_schedule
+    t = torch.tensor([1, 2, 50, 500, 998, 999])
+    x0, x_t = torch.randn(6, 2, 3, 3), torch.randn(6, 2, 3, 3)
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    beta, alpha, abar_prev = betas[t], 1 - betas[t], abar[t - 1]
+    precision = alpha / beta + 1 / (1 - abar_prev)
+    variance = 1 / precision
+    view = (-1, 1, 1, 1)
+    mean = variance.view(view) * (
+        (alpha.sqrt() / beta).view(view) * x_t.double() + (abar_prev.sqrt() / (1 - abar_prev)).view(view) * x0.double()
+    )
+    posterior = q_posterior(s, x0, x_t, t)
+    torch.testing.assert_close(posterior.mean, mean.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(posterior.variance.flatten(), variance.float(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(posterior.log_variance_clipped.flatten(), variance.log().float(), rtol=1e-4, atol=0)
+
+
+def test_posterior_at_t0_returns_x0(linear_schedule):
+    x0, x_t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    posterior = q_posterior(linear_schedule, x0, x_t, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(posterior.mean, x0)
+    assert (posterior.variance == 0).all()
+
+
+@pytest.mark.parametrize("t", [0, 1, 300, 999])
+def test_x0_is_recovered_from_the_true_noise(linear_schedule, cosine_schedule, t):
+    for schedule in (linear_schedule, cosine_schedule):
+        x0 = torch.rand(2, 3, 5, 5) * 2 - 1
+        eps = torch.randn_like(x0)
+        tt = torch.full((2,), t)
+        x_t = q_sample(schedule, x0, tt, noise=eps)
+        # 1/sqrt(alpha_bar) reaches ~157 (linear) and ~700 (cosine) at t = 999: float32 rounding grows with it
+        atol = 1e-5 * schedule.sqrt_recip_alphas_cumprod[t].item() * 4
+        torch.testing.assert_close(predict_x0_from_eps(schedule, x_t, tt, eps), x0, rtol=0, atol=atol)
+        torch.testing.assert_close(predict_eps_from_x0(schedule, x_t, tt, x0), eps, rtol=1e-4, atol=1e-4)
+
+
+def test_timesteps_cover_all_T_indices():
+    t = sample_timesteps(200_000, 10, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(t, minlength=10)
+    assert t.min() == 0 and t.max() == 9  # never randint(1, T), which skips index 0
+    assert counts.min() > 19_000 and counts.max() < 21_000
+
+
+def test_loss_simple_is_the_eps_mse(linear_schedule):
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    t, noise = torch.tensor([0, 5, 50, 999]), torch.randn(4, 1, 4, 4)
+
+    def oracle(x_t, t, y=None):  # knows eps exactly: loss 0
+        return (x_t - linear_schedule.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1) * x0) / linear_schedule.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+
+    assert loss_simple(oracle, linear_schedule, x0, t=t, noise=noise).item() == pytest.approx(0, abs=1e-8)
+
+    def zero(x_t, t, y=None):  # predicts nothing: loss = E[eps^2]
+        return torch.zeros_like(x_t)
+
+    assert loss_simple(zero, linear_schedule, x0, t=t, noise=noise).item() == pytest.approx(noise.pow(2).mean().item())
+
+
+def test_loss_simple_passes_labels_and_backpropagates(linear_schedule):
+    seen = {}
+    weight = torch.zeros(1, requires_grad=True)
+
+    def model(x_t, t, y=None):
+        seen["y"] = y
+        return x_t * weight
+
+    loss = loss_simple(model, linear_schedule, torch.zeros(3, 1, 2, 2), y=torch.tensor([1, 2, 3]))
+    loss.backward()
+    assert seen["y"].tolist() == [1, 2, 3]
+    assert weight.grad is not None and weight.grad.abs().item() > 0

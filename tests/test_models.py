@@ -1,0 +1,160 @@
+"""The UNet and the baseline denoisers: shapes, parameter counts, wiring, bad configs."""
+
+import math
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from conftest import TINY_UNET, randomize_
+from ddpm_core.config import CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, ModelConfig, replace
+from ddpm_core.denoisers import ConvDenoiser, ResNetDenoiser, build_model, count_parameters
+from ddpm_core.layers import AttentionBlock, Downsample, timestep_embedding
+from ddpm_core.unet import UNet
+
+
+def test_paper_cifar10_unet_has_35_7M_parameters():
+    n = count_parameters(UNet(CIFAR10_PAPER_MODEL))
+    assert abs(n - 35.7e6) / 35.7e6 < 0.005, n
+
+
+def diffusers_unet(config: ModelConfig) -> UNet2DModel:
+    """diffusers' UNet2DModel laid out as Ho et al.'s network (as in google/ddpm-cifar10-32)."""
+    attn = [res in config.attention_resolutions for res in config.resolutions]
+    return UNet2DModel(
+        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.in_channels,
+        block_out_channels=tuple(config.base_channels * m for m in config.channel_mults),
+        layers_per_block=config.num_res_blocks,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, attention_head_dim=None,
+    )
+
+
+@pytest.mark.parametrize("config", [CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL], ids=["cifar10", "mnist"])
+def test_parameter_count_equals_diffusers_ddpm_layout(config):
+    assert count_parameters(UNet(config)) == count_parameters(diffusers_unet(config))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        MNIST_SMALL_MODEL,
+        replace(MNIST_SMALL_MODEL, attention=False),
+        replace(MNIST_SMALL_MODEL, attention_resolutions=(14, 7)),
+        replace(TINY_UNET, in_channels=3, image_size=16, channel_mults=(1, 2, 2), attention_resolutions=(8,)),
+        replace(TINY_UNET, image_size=12, attention_resolutions=(6,)),  # any size that halves often enough
+    ],
+    ids=["mnist", "mnist-noattn", "mnist-attn14", "rgb16", "size12"],
+)
+def test_unet_output_has_the_input_shape(config):
+    model = UNet(config)
+    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
+    out = model(x, torch.tensor([0, 999]))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_cifar_shapes_and_attention_placement():
+    model = UNet(CIFAR10_PAPER_MODEL)
+    # attention at 16x16 (2 down blocks, 3 up blocks) and in the middle
+    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) == 2 + 3 + 1
+    assert sum(isinstance(m, Downsample) for m in model.modules()) == 3
+    out = model(torch.randn(1, 3, 32, 32), torch.tensor([7]))
+    assert out.shape == (1, 3, 32, 32)
+
+
+def test_attention_off_removes_every_attention_layer():
+    model = UNet(replace(MNIST_SMALL_MODEL, attention=False))
+    assert not any(isinstance(m, AttentionBlock) for m in model.modules())
+    assert count_parameters(model) < count_parameters(UNet(MNIST_SMALL_MODEL))
+
+
+@pytest.mark.parametrize("kind", ["unet", "cnn", "resnet"])
+def test_gradients_reach_every_parameter(kind):
+    config = replace(TINY_UNET, kind=kind, num_classes=3, dropout=0.1)
+    model = randomize_(build_model(config))  # zero-initialised output layers would block gradients
+    x = torch.randn(3, 1, 8, 8)
+    loss = model(x, torch.tensor([0, 4, 999]), torch.tensor([0, 1, 2])).pow(2).mean()
+    loss.backward()
+    silent = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert silent == [], silent
+
+
+def test_zero_initialised_output_starts_at_zero():
+    # the authors initialise every residual branch's last layer and the output conv to zero
+    model = UNet(TINY_UNET)
+    assert model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).abs().max() == 0
+
+
+def test_timestep_changes_the_output():
+    model = randomize_(UNet(TINY_UNET)).eval()
+    x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
+    out = model(x, torch.tensor([10, 900]))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_class_conditioning_changes_the_output_and_none_means_the_null_label():
+    model = randomize_(UNet(replace(TINY_UNET, num_classes=10))).eval()
+    x, t = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1), torch.tensor([5, 5])
+    out = model(x, t, torch.tensor([3, 7]))
+    assert not torch.allclose(out[0], out[1])
+    torch.testing.assert_close(model(x, t), model(x, t, torch.tensor([10, 10])))
+
+
+def test_unconditional_model_refuses_labels():
+    with pytest.raises(ValueError, match="unconditional"):
+        UNet(TINY_UNET)(torch.randn(1, 1, 8, 8), torch.tensor([1]), torch.tensor([2]))
+
+
+def test_timestep_embedding_is_the_ddpm_sinusoid():
+    t, dim = torch.tensor([0, 1, 17, 999]), 16
+    emb = timestep_embedding(t, dim)
+    half = dim // 2
+    for i in range(half):
+        freq = math.exp(-math.log(10000) * i / (half - 1))
+        # float32 arguments up to ~1000 rad carry ~1e-4 absolute rounding
+        torch.testing.assert_close(emb[:, i], torch.sin(t * freq).float(), rtol=0, atol=2e-4)
+        torch.testing.assert_close(emb[:, half + i], torch.cos(t * freq).float(), rtol=0, atol=2e-4)
+    assert timestep_embedding(t, 7).shape == (4, 7)  # odd: zero-padded
+    assert (timestep_embedding(t, 7)[:, -1] == 0).all()
+
+
+def test_timestep_embedding_matches_diffusers_ddpm_form():
+    from diffusers.models.embeddings import get_timestep_embedding
+
+    t = torch.arange(0, 1000, 37)
+    torch.testing.assert_close(
+        timestep_embedding(t, 64),
+        get_timestep_embedding(t, 64, flip_sin_to_cos=False, downscale_freq_shift=1),
+        rtol=0, atol=1e-4,  # float32 arguments up to ~1000 rad, rounded in a different order
+    )
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("cnn", ConvDenoiser), ("resnet", ResNetDenoiser)])
+def test_baseline_denoisers_share_the_signature(kind, cls):
+    config = replace(MNIST_SMALL_MODEL, kind=kind, num_res_blocks=3)
+    model = build_model(config)
+    assert isinstance(model, cls)
+    assert not any(isinstance(m, (Downsample, AttentionBlock)) for m in model.modules())
+    x = torch.randn(2, 1, 28, 28)
+    assert model(x, torch.tensor([1, 2])).shape == x.shape
+
+
+def test_bad_model_configs_name_the_fix():
+    with pytest.raises(ValueError, match="cannot be halved"):
+        ModelConfig(image_size=28, channel_mults=(1, 2, 2, 2))
+    with pytest.raises(ValueError, match="valid choices: 28, 14, 7"):
+        replace(MNIST_SMALL_MODEL, attention_resolutions=(16,))
+    with pytest.raises(ValueError, match="valid choices: unet, cnn, resnet"):
+        ModelConfig(kind="transformer")
+    with pytest.raises(ValueError, match="in_channels"):
+        ModelConfig(in_channels=4)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ModelConfig(base_channels=48)
+    # attention resolutions are not checked when attention is off
+    replace(MNIST_SMALL_MODEL, attention=False, attention_resolutions=(16,))
+
+
+def test_wrong_input_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="divisible by 4"):
+        UNet(MNIST_SMALL_MODEL)(torch.randn(1, 1, 30, 30), torch.tensor([1]))
