@@ -14,7 +14,7 @@ Notation (code name -> paper symbol; t is 0-indexed, index t is the paper's step
 | eps            | epsilon                      | the Gaussian noise that made x_t from x0    |
 | eps_pred       | epsilon_theta(x_t, t)        | the model's prediction of eps               |
 | x0_pred        | x_0 hat                      | x0 recovered from x_t and eps_pred, Eq. (15)|
-| t              | t - 1 (0-indexed)            | LongTensor of shape (B,)                    |
+| t              | t - 1 (0-indexed)            | LongTensor (B,), or one int for the batch   |
 
 Equations used: q(x_t | x_0) = N(sqrt(alpha_bar_t) x_0, (1 - alpha_bar_t) I), Eq. (4);
 q(x_{t-1} | x_t, x_0) = N(mu_tilde, beta_tilde_t I), Eqs. (6)-(7);
@@ -66,7 +66,7 @@ def q_sample(
     )
 
 
-def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> Posterior:
+def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | int) -> Posterior:
     """Mean and variance of q(x_{t-1} | x_t, x_0), Ho et al. 2020, Eqs. (6)-(7).
 
     mu_tilde = coef1 * x0 + coef2 * x_t, variance beta_tilde_t. x0, x_t (B, C, H, W), t (B,).
@@ -82,7 +82,7 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, x_t: torch.Tensor, t:
     )
 
 
-def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor | int, eps: torch.Tensor) -> torch.Tensor:
     """x0 = x_t / sqrt(alpha_bar_t) - sqrt(1 / alpha_bar_t - 1) eps: Eq. (4) solved for x0
     (the x0 hat of Ho et al. 2020, Eq. (15)). Shapes (B, C, H, W), t (B,)."""
     return (
@@ -91,7 +91,7 @@ def predict_x0_from_eps(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Ten
     )
 
 
-def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+def predict_eps_from_x0(schedule: NoiseSchedule, x_t: torch.Tensor, t: torch.Tensor | int, x0: torch.Tensor) -> torch.Tensor:
     """The inverse of `predict_x0_from_eps`: eps = (x_t / sqrt(alpha_bar_t) - x0) / sqrt(1 / alpha_bar_t - 1)."""
     return (gather(schedule.sqrt_recip_alphas_cumprod, t, x_t.ndim) * x_t - x0) / gather(
         schedule.sqrt_recipm1_alphas_cumprod, t, x_t.ndim

@@ -53,4 +53,5 @@ def plot_schedules(schedules: dict[str, NoiseSchedule]) -> Figure:
         ax.set_xlabel("t (0-indexed)")
         ax.grid(alpha=0.3)
         ax.legend()
+    ax_beta.set_yscale("log")  # linear spans 1e-4..0.02; cosine ends at the 0.999 clip
     return fig

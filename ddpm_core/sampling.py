@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ddpm_core.config import SamplerName, SpacingName, VarianceName, check_choice
-from ddpm_core.diffusion import Denoiser
+from ddpm_core.diffusion import Denoiser, predict_eps_from_x0, predict_x0_from_eps, q_posterior
 from ddpm_core.schedule import NoiseSchedule
 
 
@@ -63,12 +63,12 @@ def ddpm_step(
     """
     check_choice(variance, VarianceName, "variance")
     # 1. predict x0 from eps: Ho et al. 2020, Eq. (15)
-    x0_pred = schedule.sqrt_recip_alphas_cumprod[t] * x_t - schedule.sqrt_recipm1_alphas_cumprod[t] * eps_pred
+    x0_pred = predict_x0_from_eps(schedule, x_t, t, eps_pred)
     # 2. clip x0 to [-1, 1], the data range
     if clip_denoised:
         x0_pred = x0_pred.clamp(-1.0, 1.0)
     # 3. posterior mean: Ho et al. 2020, Eq. (7)
-    mean = schedule.posterior_mean_coef1[t] * x0_pred + schedule.posterior_mean_coef2[t] * x_t
+    mean = q_posterior(schedule, x0_pred, x_t, t).mean
     # 4. add noise with the chosen variance (none at t = 0: Alg. 2, line 3)
     if t == 0:
         return StepOutput(mean, x0_pred)
@@ -124,11 +124,11 @@ def ddim_step(
     """
     coef = ddim_coefficients(schedule, t, t_prev, eta)
     # 1. predict x0 from eps: DDIM Eq. (12), "predicted x0" (= Ho et al. 2020, Eq. (15))
-    x0_pred = schedule.sqrt_recip_alphas_cumprod[t] * x_t - schedule.sqrt_recipm1_alphas_cumprod[t] * eps_pred
+    x0_pred = predict_x0_from_eps(schedule, x_t, t, eps_pred)
     # 2. clip x0 to [-1, 1] and make eps consistent with it
     if clip_denoised:
         x0_pred = x0_pred.clamp(-1.0, 1.0)
-        eps_pred = (schedule.sqrt_recip_alphas_cumprod[t] * x_t - x0_pred) / schedule.sqrt_recipm1_alphas_cumprod[t]
+        eps_pred = predict_eps_from_x0(schedule, x_t, t, x0_pred)
     # 3. x_prev = sqrt(alpha_bar_prev) x0 + sqrt(1 - alpha_bar_prev - sigma^2) eps: Eq. (12)
     x_prev = coef.sqrt_alpha_bar_prev * x0_pred + coef.direction * eps_pred
     # 4. + sigma_t z, with sigma_t(eta) of Eq. (16); zero for eta = 0 and at the last step

@@ -158,8 +158,10 @@ class NoiseSchedule:
         return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
 
 
-def gather(coefficient: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
+def gather(coefficient: torch.Tensor, t: torch.Tensor | int, ndim: int) -> torch.Tensor:
     """coefficient[t] for a batch of timesteps t (B,), shaped (B, 1, ..., 1) to broadcast
-    against a tensor of `ndim` dimensions."""
+    against a tensor of `ndim` dimensions; for one int t (as in a sampling loop), a 0-d tensor."""
+    if isinstance(t, int):
+        return coefficient[t]
     values = coefficient.to(t.device)[t]  # (B,)
     return values.view(-1, *([1] * (ndim - 1)))
