@@ -1,7 +1,8 @@
 """The command line: `python -m ddpm_core COMMAND` (or the `ddpm` script).
 
 This module owns argument parsing and wiring; every computation is a library call.
-Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot).
+Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot),
+`sample` (draw images from a checkpoint), `import-pretrained` (the authors' released weights).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import torch
 
+from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
-from ddpm_core.plotting import plot_schedules, save_image_grid
+from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
+from ddpm_core.pretrained import import_pretrained
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
 from ddpm_core.sampling import sample
 from ddpm_core.schedule import NoiseSchedule
@@ -56,6 +59,61 @@ def run_demo(args: argparse.Namespace) -> dict:
     return report
 
 
+def run_sample(args: argparse.Namespace) -> dict:
+    """Draw `--num` images from a checkpoint in batches; write a grid, optionally all images."""
+    checkpoint = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    model = checkpoint.build_model(use_ema=args.ema).to(device)
+    schedule = NoiseSchedule.from_config(checkpoint.diffusion_config)
+    config = checkpoint.model_config
+    generator = make_generator(args.seed, device)
+    images, start = [], time.perf_counter()
+    for first in range(0, args.num, args.batch_size):
+        shape = (min(args.batch_size, args.num - first), config.in_channels, config.image_size, config.image_size)
+        result = sample(
+            model, schedule, shape, sampler=args.sampler, num_steps=args.steps, variance=args.variance,
+            eta=args.eta, spacing=args.spacing, generator=generator, progress=args.progress, amp=args.amp,
+        )
+        images.append(to_uint8(result.samples))  # (B, C, H, W) uint8 on the CPU
+    samples = torch.cat(images)
+    seconds = time.perf_counter() - start
+    grid = save_image_grid(samples[: args.grid_size].float() / 127.5 - 1, args.out)
+    report = {
+        "checkpoint": str(args.checkpoint), "num": args.num, "sampler": args.sampler,
+        "steps": args.steps or (checkpoint.diffusion_config.num_timesteps if args.sampler == "ddpm" else 50),
+        "variance": args.variance if args.sampler == "ddpm" else None,
+        "eta": args.eta if args.sampler == "ddim" else None, "ema": args.ema and checkpoint.ema_state is not None,
+        "seconds": round(seconds, 2), "images_per_s": round(args.num / seconds, 2), "grid": str(grid),
+    }
+    if args.save_tensor:
+        Path(args.save_tensor).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(samples, args.save_tensor)  # uint8 (N, C, H, W), as images are stored
+        report["tensor"] = str(args.save_tensor)
+    if args.save_images:
+        report["images"] = str(save_images(samples, Path(args.save_images)))
+    return report
+
+
+def save_images(samples: torch.Tensor, folder: Path) -> Path:
+    """One PNG per uint8 image (N, C, H, W), the input FID tools such as torch-fidelity read."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(samples):
+        array = image.permute(1, 2, 0).squeeze(-1).numpy()  # (H, W[, C])
+        Image.fromarray(array).save(folder / f"{index:06d}.png")
+    return folder
+
+
+def run_import_pretrained(args: argparse.Namespace) -> dict:
+    checkpoint = import_pretrained(args.source, args.out, cache_dir=args.cache_dir)
+    return {
+        "source": args.source, "checkpoint": str(args.out),
+        "parameters": sum(v.numel() for v in checkpoint.model_state.values()),
+        "model_config": checkpoint.model_config.__dict__, "diffusion_config": checkpoint.diffusion_config.__dict__,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models, step by step.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -72,6 +130,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     demo.set_defaults(handler=run_demo)
+
+    draw = commands.add_parser("sample", help="draw images from a checkpoint (its configs travel inside it)")
+    draw.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
+    draw.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    draw.add_argument("--variance", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
+                      help="DDPM only: sigma^2 = beta_t (the paper's CIFAR-10 choice) or beta_tilde_t")
+    draw.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
+    draw.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
+    draw.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
+    draw.add_argument("--num", type=int, default=64, help="number of images")
+    draw.add_argument("--batch-size", type=int, default=256)
+    draw.add_argument("--out", default="samples.png", help="PNG grid of the first --grid-size images")
+    draw.add_argument("--grid-size", type=int, default=64)
+    draw.add_argument("--save-tensor", default=None, help="also save every image as a uint8 (N, C, H, W) tensor")
+    draw.add_argument("--save-images", default=None, help="also write every image as a PNG into this folder")
+    draw.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    draw.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (GPU)")
+    draw.add_argument("--device", default="auto")
+    draw.add_argument("--seed", type=int, default=0)
+    draw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    draw.set_defaults(handler=run_sample)
+
+    pretrained = commands.add_parser(
+        "import-pretrained", help="convert diffusers' DDPM UNet (e.g. google/ddpm-cifar10-32) into a checkpoint"
+    )
+    pretrained.add_argument("source", help="a Hugging Face repository id, or a local folder with config.json and weights")
+    pretrained.add_argument("--out", required=True, help="where to write the ddpm_core checkpoint")
+    pretrained.add_argument("--cache-dir", default=None, help="Hugging Face download cache")
+    pretrained.set_defaults(handler=run_import_pretrained)
     return parser
 
 
@@ -81,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
-    except ValueError as error:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, ConnectionError) as error:  # bad input: one clear line, no traceback
         parser.exit(2, f"ddpm {args.command}: error: {error}\n")
     print(json.dumps(report, indent=2))
     return 0

@@ -22,6 +22,12 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Quantise images in [-1, 1] to uint8 [0, 255] on the CPU, as PNG files store them
+    (clipped first: the evaluation protocol of Ho et al.'s code)."""
+    return (to_unit_range(images) * 255).round().to(torch.uint8)
+
+
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
     """A (3, H', W') grid in [0, 1] of images (B, C, H, W) in [-1, 1] (torchvision's make_grid)."""
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
