@@ -1,0 +1,130 @@
+"""Data loading through torchvision's real code, on small files written in the real formats
+(and on the real MNIST in ../shared/data where it exists)."""
+
+import hashlib
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import datasets
+
+from ddpm_core.data import DatasetUnavailableError, make_dataset, resolve_data_root
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_fake_mnist(root: Path, n: int = 20) -> np.ndarray:
+    """The four MNIST idx files (uncompressed), as torchvision reads them from root/MNIST/raw."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.uint8) % 10
+    for split in ("train", "t10k"):
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
+    return images
+
+
+def write_fake_cifar10(root: Path, n: int = 6) -> dict[str, str]:
+    """cifar-10-batches-py in the real pickle format; returns each file's md5."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    md5 = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(range(n))}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    for path in folder.iterdir():
+        md5[path.name] = hashlib.md5(path.read_bytes()).hexdigest()
+    return md5
+
+
+@pytest.fixture
+def fake_cifar_checksums(monkeypatch):
+    """Point torchvision's CIFAR-10 checksums at our fake files, so its own integrity check runs."""
+
+    def install(md5: dict[str, str]):
+        cls = datasets.CIFAR10
+        monkeypatch.setattr(cls, "train_list", [[name, md5[name]] for name, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[name, md5[name]] for name, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["batches.meta"]})
+
+    return install
+
+
+def test_mnist_loads_in_minus_one_to_one(tmp_path):
+    images = write_fake_mnist(tmp_path)
+    data = make_dataset("mnist", tmp_path, download=False)
+    x, y = data[3]
+    assert len(data) == 20 and x.shape == (1, 28, 28) and y == 3
+    torch.testing.assert_close(x[0], torch.from_numpy(images[3]).float() / 255 * 2 - 1)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="the real MNIST is not on this machine")
+def test_real_mnist():
+    train, test = make_dataset("mnist", SHARED_DATA, download=False), make_dataset("mnist", SHARED_DATA, train=False)
+    assert (len(train), len(test)) == (60_000, 10_000)
+    x, y = train[0]
+    assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() == 1 and y == 5
+
+
+def test_cifar10_passes_torchvisions_checksums_and_flips(tmp_path, fake_cifar_checksums):
+    fake_cifar_checksums(write_fake_cifar10(tmp_path))
+    data = make_dataset("cifar10", tmp_path, download=False)
+    assert len(data) == 30
+    x, y = data[0]
+    assert x.shape == (3, 32, 32) and -1 <= x.min() and x.max() <= 1
+    assert "RandomHorizontalFlip" in repr(data.transform)
+    assert "RandomHorizontalFlip" not in repr(make_dataset("cifar10", tmp_path, download=False, flip=False).transform)
+
+
+def test_corrupted_cifar10_is_refused_clearly(tmp_path, fake_cifar_checksums):
+    fake_cifar_checksums(write_fake_cifar10(tmp_path))
+    (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a batch")
+    with pytest.raises(DatasetUnavailableError, match="cifar-10-batches-py"):
+        make_dataset("cifar10", tmp_path, download=False)
+
+
+def test_offline_without_data_names_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(DatasetUnavailableError) as error:
+        make_dataset("mnist", tmp_path / "empty", download=True)  # no internet here: the download fails
+    message = str(error.value)
+    assert str((tmp_path / "empty").resolve()) in message and "MNIST/raw" in message and "DDPM_DATA_ROOT" in message
+
+
+def test_image_folder_of_your_own(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "a" / "one.png")
+    Image.new("L", (20, 20), 128).save(tmp_path / "a" / "b" / "two.jpg")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = make_dataset("folder", tmp_path, image_size=16, channels=3)
+    assert len(data) == 2
+    x, y = data[data.files.index(tmp_path / "a" / "one.png")]
+    assert x.shape == (3, 16, 16) and y == 0
+    torch.testing.assert_close(x[:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))  # pure red
+    grey, _ = make_dataset("folder", tmp_path, image_size=8, channels=1)[data.files.index(tmp_path / "a" / "b" / "two.jpg")]
+    assert grey.shape == (1, 8, 8) and abs(grey.mean().item() - (128 / 255 * 2 - 1)) < 0.02
+    with pytest.raises(DatasetUnavailableError, match="no images"):
+        make_dataset("folder", tmp_path / "a" / "b" / "missing", image_size=8, channels=1)
+
+
+def test_bad_dataset_requests(tmp_path):
+    with pytest.raises(ValueError, match="mnist, cifar10, folder"):
+        make_dataset("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="28x28 with 1 channel"):
+        make_dataset("mnist", tmp_path, image_size=32, channels=3)
+    with pytest.raises(ValueError, match="needs image_size and channels"):
+        make_dataset("folder", tmp_path)
+
+
+def test_data_root_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("DDPM_DATA_ROOT", raising=False)
+    assert resolve_data_root() == Path("data")
+    monkeypatch.setenv("DDPM_DATA_ROOT", str(tmp_path))
+    assert resolve_data_root() == tmp_path
+    assert resolve_data_root("elsewhere") == Path("elsewhere")
