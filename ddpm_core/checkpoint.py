@@ -33,6 +33,7 @@ class Checkpoint:
     model_state: dict[str, torch.Tensor]
     ema_state: dict[str, torch.Tensor] | None = None
     metadata: dict = field(default_factory=dict)  # plain data: step, source, ...
+    train_state: dict | None = None  # optimizer, scheduler, step, RNG states: what resuming needs
 
     def build_model(self, use_ema: bool = True) -> nn.Module:
         """The denoiser with the EMA weights (if any and `use_ema`), in eval mode."""
@@ -55,6 +56,7 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
         "model_state": checkpoint.model_state,
         "ema_state": checkpoint.ema_state,
         "metadata": checkpoint.metadata,
+        "train_state": checkpoint.train_state,
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -91,4 +93,5 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         model_state=payload["model_state"],
         ema_state=payload.get("ema_state"),
         metadata=payload.get("metadata") or {},
+        train_state=payload.get("train_state"),
     )

@@ -2,7 +2,8 @@
 
 This module owns argument parsing and wiring; every computation is a library call.
 Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot),
-`sample` (draw images from a checkpoint), `import-pretrained` (the authors' released weights).
+`train` (a profile on MNIST, CIFAR-10 or an image folder), `sample` (draw images from a
+checkpoint), `import-pretrained` (the authors' released weights).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
 from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
+from ddpm_core.data import make_dataset
 from ddpm_core.pretrained import import_pretrained
+from ddpm_core.profiles import get_profile
+from ddpm_core.training import Trainer
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
 from ddpm_core.sampling import sample
 from ddpm_core.schedule import NoiseSchedule
@@ -57,6 +61,29 @@ def run_demo(args: argparse.Namespace) -> dict:
     fig.savefig(path, dpi=100)
     report["files"].append(str(path))
     return report
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    """Train a profile, with the command line's overrides, into --out."""
+    profile = get_profile(args.profile)
+    model = profile.model
+    if args.base_channels is not None:
+        model = replace(model, base_channels=args.base_channels)
+    if args.attention is not None:
+        model = replace(model, attention=args.attention)
+    diffusion = replace(profile.diffusion, schedule=args.schedule) if args.schedule else profile.diffusion
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    train = replace(profile.train, **{k: v for k, v in overrides.items() if v is not None})
+    dataset_name = args.dataset or profile.dataset
+    dataset = make_dataset(dataset_name, args.data_root, image_size=model.image_size if dataset_name == "folder" else None,
+                           channels=model.in_channels if dataset_name == "folder" else None)
+    device = resolve_device(args.device)
+    trainer = Trainer(model, diffusion, train, dataset, args.out, device,
+                      extra={"profile": profile.name, "dataset": dataset_name})
+    result = trainer.run(resume=args.resume, progress=args.progress)
+    return {"out": args.out, "step": result.step, "final_loss": round(result.final_loss, 5),
+            "images_per_s": round(result.images_per_s, 1), "seconds": round(result.seconds, 1),
+            "checkpoint": str(result.checkpoint), "device": str(device)}
 
 
 def run_sample(args: argparse.Namespace) -> dict:
@@ -131,6 +158,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     demo.set_defaults(handler=run_demo)
 
+    train = commands.add_parser("train", help="train a profile (smoke, laptop, mnist-gpu, cifar10-paper)")
+    train.add_argument("--profile", default="laptop", help="smoke, laptop, mnist-gpu or cifar10-paper")
+    train.add_argument("--out", required=True, help="run folder: last.pt, log.jsonl")
+    train.add_argument("--dataset", default=None, help="mnist, cifar10 or folder (default: the profile's)")
+    train.add_argument("--data-root", default=None, help="default: $DDPM_DATA_ROOT, else ./data")
+    train.add_argument("--schedule", default=None, help="linear or cosine (default: the profile's)")
+    train.add_argument("--attention", action=argparse.BooleanOptionalAction, default=None)
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    train.add_argument("--steps", type=int, default=None)
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--base-channels", type=int, default=None)
+    train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    train.set_defaults(handler=run_train)
+
     draw = commands.add_parser("sample", help="draw images from a checkpoint (its configs travel inside it)")
     draw.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
     draw.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
@@ -168,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
-    except (ValueError, FileNotFoundError, ConnectionError) as error:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, FloatingPointError) as error:  # bad input: one clear line, no traceback
         parser.exit(2, f"ddpm {args.command}: error: {error}\n")
     print(json.dumps(report, indent=2))
     return 0

@@ -1,0 +1,62 @@
+"""Named training profiles: model, diffusion, optimisation and dataset, chosen in one place.
+
+This module owns the presets; override any field with `dataclasses.replace` (the command
+line does this for --steps, --batch-size, --lr, --base-channels, --schedule, --attention).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ddpm_core.config import CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, DiffusionConfig, ModelConfig, replace
+from ddpm_core.data import DatasetName
+from ddpm_core.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    dataset: DatasetName
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+    about: str
+
+
+PROFILES = {
+    profile.name: profile
+    for profile in (
+        Profile(
+            "smoke", "mnist",
+            replace(MNIST_SMALL_MODEL, channel_mults=(1, 2), attention_resolutions=(14,)),
+            DiffusionConfig("linear", 100),
+            TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.99, ema_warmup=True,
+                        log_every=5, checkpoint_every=10),
+            "seconds on a CPU: exercises every stage, learns nothing (tests and CI)",
+        ),
+        Profile(
+            "laptop", "mnist", MNIST_SMALL_MODEL, DiffusionConfig("linear", 1000),
+            TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decay=0.999, ema_warmup=True,
+                        log_every=25, checkpoint_every=250),
+            "MNIST on a 2-4 core CPU in about 30 minutes (first guess; see the README for what was measured)",
+        ),
+        Profile(
+            "mnist-gpu", "mnist", replace(MNIST_SMALL_MODEL, base_channels=64, num_res_blocks=2, dropout=0.1),
+            DiffusionConfig("linear", 1000),
+            TrainConfig(steps=20_000, batch_size=128, lr=4e-4, warmup_steps=500, ema_decay=0.9995, ema_warmup=True,
+                        log_every=100, checkpoint_every=2000, num_workers=4),
+            "MNIST to full quality on one GPU",
+        ),
+        Profile(
+            "cifar10-paper", "cifar10", CIFAR10_PAPER_MODEL, DiffusionConfig("linear", 1000),
+            TrainConfig(num_workers=8),
+            "the paper's CIFAR-10 run: 35.7M UNet, batch 128, lr 2e-4, warmup 5000, EMA 0.9999, 800k steps",
+        ),
+    )
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; valid choices: {', '.join(PROFILES)}")
+    return PROFILES[name]

@@ -1,0 +1,148 @@
+"""The trainer: EMA, batch order, exact resumption (also after a real SIGKILL), bad states."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.config import replace
+from ddpm_core.data import make_dataset
+from ddpm_core.profiles import get_profile
+from ddpm_core.training import EMA, NonFiniteLossError, Trainer, epoch_batches
+from test_data import write_fake_mnist
+
+SMOKE = get_profile("smoke")
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    write_fake_mnist(root, n=48)
+    return root
+
+
+def trainer(root: Path, out: Path, **train_changes) -> Trainer:
+    return Trainer(SMOKE.model, SMOKE.diffusion, replace(SMOKE.train, **train_changes),
+                   make_dataset("mnist", root, download=False), out)
+
+
+def test_ema_decay_and_update():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.9, warmup=False)
+    assert ema.decay_at(0) == 0.0 and ema.decay_at(5) == 0.9
+    assert EMA(model, 0.999, warmup=True).decay_at(0) == pytest.approx(0.1)
+    assert EMA(model, 0.999, warmup=True).decay_at(10**6) == 0.999
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=3)
+    torch.testing.assert_close(ema.model.weight, 0.9 * before["weight"] + 0.1 * model.weight)
+    assert not any(p.requires_grad for p in ema.model.parameters())
+
+
+def test_epoch_batches_are_full_permutations_and_resume_exactly():
+    straight = [b for _, b in zip(range(12), epoch_batches(10, 3, seed=4, start_step=0))]
+    assert all(len(b) == 3 for b in straight)
+    assert sorted(sum(straight[:3], [])) == sorted(set(sum(straight[:3], [])))  # no repeat in an epoch
+    assert straight[:3] != straight[3:6]  # a new order each epoch
+    resumed = [b for _, b in zip(range(7), epoch_batches(10, 3, seed=4, start_step=5))]
+    assert resumed == straight[5:12]
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        next(epoch_batches(2, 3, 0, 0))
+
+
+def test_training_lowers_the_loss_and_writes_its_log(mnist_root, tmp_path):
+    result = trainer(mnist_root, tmp_path, steps=20).run()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [5, 10, 15, 20]
+    assert set(log[0]) == {"step", "loss", "lr", "images_per_s", "elapsed_s"}
+    assert log[-1]["loss"] < log[0]["loss"]
+    checkpoint = load_checkpoint(result.checkpoint)
+    assert checkpoint.train_state["step"] == 20 and checkpoint.metadata["step"] == 20
+
+
+def test_resume_gives_the_same_weights_as_a_straight_run(mnist_root, tmp_path):
+    straight = trainer(mnist_root, tmp_path / "a", steps=12)
+    straight.run()
+    trainer(mnist_root, tmp_path / "b", steps=6).run()
+    resumed = trainer(mnist_root, tmp_path / "b", steps=12)
+    resumed.run(resume=True)
+    for name, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    for name, value in straight.ema.model.state_dict().items():
+        assert torch.equal(value, resumed.ema.model.state_dict()[name]), name
+
+
+def run_train(root: Path, out: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ddpm_core", "train", "--profile", "smoke", "--out", str(out),
+               "--data-root", str(root), "--device", "cpu", "--no-progress", *extra]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_equals_a_run_that_never_stopped(mnist_root, tmp_path):
+    steps = ["--steps", "40"]
+    straight = run_train(mnist_root, tmp_path / "straight", *steps)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+
+    victim = run_train(mnist_root, tmp_path / "killed", *steps)
+    log = tmp_path / "killed" / "log.jsonl"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill it once it has checkpointed (every 10 steps) and moved on
+        if log.exists() and any(json.loads(l)["step"] >= 15 for l in log.read_text().splitlines() if l.strip()):
+            break
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(tmp_path / "killed" / "last.pt").train_state["step"]
+    assert 10 <= killed_at < 40
+
+    resumed = run_train(mnist_root, tmp_path / "killed", *steps, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    a = load_checkpoint(tmp_path / "straight" / "last.pt")
+    b = load_checkpoint(tmp_path / "killed" / "last.pt")
+    assert b.train_state["step"] == 40
+    for name, value in a.model_state.items():
+        assert torch.equal(value, b.model_state[name]), name
+    for name, value in a.ema_state.items():
+        assert torch.equal(value, b.ema_state[name]), name
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(mnist_root, tmp_path, monkeypatch):
+    run = trainer(mnist_root, tmp_path, steps=30, checkpoint_every=10)
+    original = run.train_step
+
+    def poisoned(x0, y):
+        return original(x0 * float("nan") if run.step == 14 else x0, y)
+
+    monkeypatch.setattr(run, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"at step 15.*step 10"):
+        run.run()
+    assert load_checkpoint(tmp_path / "last.pt").train_state["step"] == 10
+
+
+def test_bad_resume_states_are_refused(mnist_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer(mnist_root, tmp_path / "none", steps=2).run(resume=True)
+    trainer(mnist_root, tmp_path / "run", steps=2).run()
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        trainer(mnist_root, tmp_path / "run", steps=4).run()
+    other = Trainer(replace(SMOKE.model, base_channels=64), SMOKE.diffusion, replace(SMOKE.train, steps=4),
+                    make_dataset("mnist", mnist_root, download=False), tmp_path / "run")
+    with pytest.raises(ValueError, match="another configuration"):
+        other.run(resume=True)
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # nothing saved was overwritten
+
+
+def test_train_command_rejects_unknown_profiles(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "ddpm_core", "train", "--profile", "huge", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "smoke, laptop, mnist-gpu, cifar10-paper" in result.stderr
