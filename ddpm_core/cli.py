@@ -72,14 +72,19 @@ def run_train(args: argparse.Namespace) -> dict:
     if args.attention is not None:
         model = replace(model, attention=args.attention)
     diffusion = replace(profile.diffusion, schedule=args.schedule) if args.schedule else profile.diffusion
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                 "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
     train = replace(profile.train, **{k: v for k, v in overrides.items() if v is not None})
     dataset_name = args.dataset or profile.dataset
     dataset = make_dataset(dataset_name, args.data_root, image_size=model.image_size if dataset_name == "folder" else None,
                            channels=model.in_channels if dataset_name == "folder" else None)
     device = resolve_device(args.device)
+    holdout = None
+    if dataset_name != "folder":  # best.pt is judged on the test split, which a folder lacks
+        test_split = make_dataset(dataset_name, args.data_root, train=False, flip=False)
+        holdout = torch.stack([test_split[i][0] for i in range(min(args.holdout_images, len(test_split)))])
     trainer = Trainer(model, diffusion, train, dataset, args.out, device,
-                      extra={"profile": profile.name, "dataset": dataset_name})
+                      extra={"profile": profile.name, "dataset": dataset_name}, holdout=holdout)
     result = trainer.run(resume=args.resume, progress=args.progress)
     return {"out": args.out, "step": result.step, "final_loss": round(result.final_loss, 5),
             "images_per_s": round(result.images_per_s, 1), "seconds": round(result.seconds, 1),
@@ -171,6 +176,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=float, default=None)
     train.add_argument("--base-channels", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
+    train.add_argument("--holdout-images", type=int, default=128, help="test images that judge best.pt")
+    train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (CUDA)")
+    train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
+    train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(CUDA)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     train.set_defaults(handler=run_train)

@@ -28,6 +28,7 @@ from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ddpm_core.config import DiffusionConfig, ModelConfig, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.diffusion import loss_simple
+from ddpm_core.monitor import heldout_loss, plot_loss_curve, write_sample_grid
 from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -46,14 +47,18 @@ class TrainConfig:
     ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful EMA early
     seed: int = 0
     log_every: int = 100
-    checkpoint_every: int = 5000
+    checkpoint_every: int = 5000  # also when the held-out loss is measured and best.pt kept
+    sample_every: int = 0  # write out/samples/step_N.png every this many steps (0: never)
+    sample_images: int = 16
     amp: bool = True  # bfloat16 autocast, used on CUDA only
     compile: bool = False  # torch.compile the model (pays on long GPU runs)
     channels_last: bool = False  # CUDA only; slower on CPUs
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every"):
+        if self.sample_every < 0:
+            raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -118,11 +123,15 @@ class Trainer:
 
     out/last.pt is rewritten atomically every `checkpoint_every` steps and at the end; resume
     with `Trainer(...).run(resume=True)`. out/log.jsonl holds one line per `log_every` steps:
-    step, loss (mean since the last line), lr, images/s, elapsed seconds.
+    step, loss (mean since the last line), lr, images/s, elapsed seconds; and one per
+    checkpoint with the held-out loss. With `holdout` images (B, C, H, W), out/best.pt keeps
+    the weights of lowest held-out loss (see `monitor.heldout_loss`). out/loss.png is the
+    loss curve; out/samples/ holds sample grids when `sample_every` is set.
     """
 
     def __init__(self, model_config: ModelConfig, diffusion_config: DiffusionConfig, train_config: TrainConfig,
-                 dataset: Dataset, out: str | Path, device: torch.device | str = "cpu", extra: dict | None = None):
+                 dataset: Dataset, out: str | Path, device: torch.device | str = "cpu", extra: dict | None = None,
+                 holdout: torch.Tensor | None = None):
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
         self.dataset, self.out, self.device = dataset, Path(out), torch.device(device)
         self.extra = extra or {}  # plain data stored with the run (dataset name, profile, ...)
@@ -135,6 +144,8 @@ class Trainer:
         warmup = max(train_config.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / warmup))
         self.schedule = NoiseSchedule.from_config(diffusion_config).to(self.device)
+        self.holdout = holdout.to(self.device) if holdout is not None else None
+        self.best_heldout_loss = math.inf
         self.step = 0
         self._saved_step: int | None = None  # the step of the last checkpoint written or read
         self.forward = torch.compile(self.model) if train_config.compile else self.model
@@ -144,9 +155,27 @@ class Trainer:
     def checkpoint_path(self) -> Path:
         return self.out / "last.pt"
 
+    def checkpoint(self, log_file) -> None:
+        """Measure the held-out loss (keeping best.pt), save last.pt, redraw the loss curve."""
+        if self.holdout is not None:
+            value = heldout_loss(self.ema.model, self.schedule, self.holdout, seed=self.config.seed)
+            is_best = value < self.best_heldout_loss
+            if is_best:
+                self.best_heldout_loss = value
+                ema_state = self.ema.model.state_dict()
+                metadata = {**self.extra, "step": self.step, "heldout_loss": value}
+                save_checkpoint(Checkpoint(self.model_config, self.diffusion_config, ema_state, ema_state, metadata),
+                                self.out / "best.pt")
+            log_file.write(json.dumps({"step": self.step, "heldout_loss": value, "best": is_best}) + "\n")
+            log_file.flush()
+        self.save()
+        self._saved_step = self.step
+        plot_loss_curve(read_log(self.out / "log.jsonl")).savefig(self.out / "loss.png", dpi=100)
+
     def save(self) -> Path:
         train_state = {
             "step": self.step,
+            "best_heldout_loss": self.best_heldout_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -174,6 +203,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
+        self.best_heldout_loss = state["best_heldout_loss"]
         torch.set_rng_state(state["torch_rng"].cpu())
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -240,12 +270,15 @@ class Trainer:
                     log_file.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     window_start, window_losses = now, []
-                if self.step % self.config.checkpoint_every == 0:
-                    self.save()
-                    self._saved_step = self.step
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                    self.checkpoint(log_file)
+                if self.config.sample_every and self.step % self.config.sample_every == 0:
+                    shape = (self.config.sample_images, self.model_config.in_channels, *[self.model_config.image_size] * 2)
+                    write_sample_grid(self.ema.model, self.schedule, shape,
+                                      self.out / "samples" / f"step_{self.step:07d}.png", seed=self.config.seed)
                 bar.update(1)
         bar.close()
-        path = self.save()
+        path = self.checkpoint_path
         seconds = time.perf_counter() - start
         images = self.config.batch_size * (self.step - first_step)
         return TrainResult(self.step, loss.item(), images / seconds, seconds, path)

@@ -32,3 +32,12 @@ def test_bad_input_is_one_clear_line(tmp_path):
     result = run_cli("demo", "--out", str(tmp_path), "--device", "tpu")
     assert result.returncode == 2 and "auto, cpu, cuda, mps" in result.stderr
     assert not any(tmp_path.iterdir())  # nothing written on bad input
+
+
+def test_sample_refuses_missing_and_truncated_checkpoints(tmp_path):
+    result = run_cli("sample", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "no checkpoint at" in result.stderr
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    result = run_cli("sample", "--checkpoint", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "not a readable ddpm_core checkpoint" in result.stderr
+    assert not (tmp_path / "g.png").exists()

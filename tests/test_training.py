@@ -28,9 +28,10 @@ def mnist_root(tmp_path_factory) -> Path:
     return root
 
 
-def trainer(root: Path, out: Path, **train_changes) -> Trainer:
-    return Trainer(SMOKE.model, SMOKE.diffusion, replace(SMOKE.train, **train_changes),
-                   make_dataset("mnist", root, download=False), out)
+def trainer(root: Path, out: Path, holdout: torch.Tensor | None = None, **train_changes) -> Trainer:
+    train = replace(SMOKE.train, **{"sample_every": 0, **train_changes})
+    return Trainer(SMOKE.model, SMOKE.diffusion, train, make_dataset("mnist", root, download=False), out,
+                   holdout=holdout)
 
 
 def test_ema_decay_and_update():
@@ -66,6 +67,27 @@ def test_training_lowers_the_loss_and_writes_its_log(mnist_root, tmp_path):
     assert log[-1]["loss"] < log[0]["loss"]
     checkpoint = load_checkpoint(result.checkpoint)
     assert checkpoint.train_state["step"] == 20 and checkpoint.metadata["step"] == 20
+
+
+def test_monitoring_keeps_the_best_model_and_changes_nothing(mnist_root, tmp_path):
+    holdout = torch.stack([x for x, _ in make_dataset("mnist", mnist_root, train=False, download=False)][:8])
+    watched = trainer(mnist_root, tmp_path / "watched", holdout=holdout, steps=20, sample_every=10, sample_images=4)
+    watched.run()
+    plain = trainer(mnist_root, tmp_path / "plain", steps=20)
+    plain.run()
+    for name, value in plain.model.state_dict().items():  # monitoring draws from its own generators
+        assert torch.equal(value, watched.model.state_dict()[name]), name
+    out = tmp_path / "watched"
+    assert {p.name for p in (out / "samples").iterdir()} == {"step_0000010.png", "step_0000020.png"}
+    assert (out / "loss.png").stat().st_size > 1000
+    heldout = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "heldout_loss" in r]
+    assert [r["step"] for r in heldout] == [10, 20]
+    best = min(heldout, key=lambda r: r["heldout_loss"])
+    checkpoint = load_checkpoint(out / "best.pt")
+    assert checkpoint.metadata["step"] == best["step"]
+    assert checkpoint.metadata["heldout_loss"] == pytest.approx(best["heldout_loss"])
+    assert load_checkpoint(out / "last.pt").train_state["best_heldout_loss"] == pytest.approx(best["heldout_loss"])
+    assert not (tmp_path / "plain" / "best.pt").exists()
 
 
 def test_resume_gives_the_same_weights_as_a_straight_run(mnist_root, tmp_path):
@@ -142,7 +164,18 @@ def test_bad_resume_states_are_refused(mnist_root, tmp_path):
     assert (tmp_path / "run" / "last.pt").read_bytes() == before  # nothing saved was overwritten
 
 
-def test_train_command_rejects_unknown_profiles(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ddpm_core", "train", "--profile", "huge", "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "smoke, laptop, mnist-gpu, cifar10-paper" in result.stderr
+def test_train_command_bad_input_is_one_clear_line(tmp_path):
+    def train(*args):
+        return subprocess.run([sys.executable, "-m", "ddpm_core", "train", "--out", str(tmp_path / "run"), *args],
+                              capture_output=True, text=True, timeout=120)
+
+    for args, message in (
+        (["--profile", "huge"], "smoke, laptop, mnist-gpu, cifar10-paper"),
+        (["--profile", "smoke", "--dataset", "imagenet"], "mnist, cifar10, folder"),
+        (["--profile", "smoke", "--data-root", str(tmp_path / "nothing")], "could not be downloaded"),
+        (["--profile", "smoke", "--schedule", "sigmoid"], "linear, cosine"),
+    ):
+        result = train(*args)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
