@@ -76,8 +76,8 @@ def run_train(args: argparse.Namespace) -> dict:
                  "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
     train = replace(profile.train, **{k: v for k, v in overrides.items() if v is not None})
     dataset_name = args.dataset or profile.dataset
-    dataset = make_dataset(dataset_name, args.data_root, image_size=model.image_size if dataset_name == "folder" else None,
-                           channels=model.in_channels if dataset_name == "folder" else None)
+    # the model's shape is passed so that a dataset that does not fit it is refused up front
+    dataset = make_dataset(dataset_name, args.data_root, image_size=model.image_size, channels=model.in_channels)
     device = resolve_device(args.device)
     holdout = None
     if dataset_name != "folder":  # best.pt is judged on the test split, which a folder lacks

@@ -174,6 +174,7 @@ def test_train_command_bad_input_is_one_clear_line(tmp_path):
         (["--profile", "smoke", "--dataset", "imagenet"], "mnist, cifar10, folder"),
         (["--profile", "smoke", "--data-root", str(tmp_path / "nothing")], "could not be downloaded"),
         (["--profile", "smoke", "--schedule", "sigmoid"], "linear, cosine"),
+        (["--profile", "smoke", "--dataset", "cifar10"], "use a model config that matches"),
     ):
         result = train(*args)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
