@@ -43,21 +43,11 @@ class Checkpoint:
         return model.eval()
 
 
-def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
-    """Write `checkpoint` to `path` atomically: a temporary file in the same folder, flushed
+def atomic_save(payload: dict, path: str | Path) -> Path:
+    """torch.save `payload` to `path` atomically: a temporary file in the same folder, flushed
     to disk, then renamed over `path`. A crash mid-write leaves the previous file intact."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "format": FORMAT,
-        "version": VERSION,
-        "model_config": to_dict(checkpoint.model_config),
-        "diffusion_config": to_dict(checkpoint.diffusion_config),
-        "model_state": checkpoint.model_state,
-        "ema_state": checkpoint.ema_state,
-        "metadata": checkpoint.metadata,
-        "train_state": checkpoint.train_state,
-    }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -71,20 +61,42 @@ def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
-    """Read a checkpoint written by `save_checkpoint`; a clear ValueError for anything else."""
-    path = Path(path)
+def safe_load(path: Path, file_format: str, how_to_make: str, map_location: str | torch.device = "cpu") -> dict:
+    """Read a dict written by `atomic_save` with `weights_only=True` and check its format
+    marker; a clear error for a missing, truncated, foreign or code-running file."""
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: check the path, or train or import a model first")
+        raise FileNotFoundError(f"no checkpoint at {path}: check the path, or {how_to_make}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as error:
         raise ValueError(
-            f"{path} is not a readable ddpm_core checkpoint (truncated, corrupted, or a pickle that "
+            f"{path} is not a readable {file_format} file (truncated, corrupted, or a pickle that "
             f"would run code, which is refused): {str(error).splitlines()[0]}"
         ) from error
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is a PyTorch file but not a ddpm_core checkpoint (no '{FORMAT}' marker)")
+    if not isinstance(payload, dict) or payload.get("format") != file_format:
+        raise ValueError(f"{path} is a PyTorch file but not a {file_format} file (no '{file_format}' marker)")
+    return payload
+
+
+def save_checkpoint(checkpoint: Checkpoint, path: str | Path) -> Path:
+    """Write `checkpoint` to `path` atomically (see `atomic_save`)."""
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model_config": to_dict(checkpoint.model_config),
+        "diffusion_config": to_dict(checkpoint.diffusion_config),
+        "model_state": checkpoint.model_state,
+        "ema_state": checkpoint.ema_state,
+        "metadata": checkpoint.metadata,
+        "train_state": checkpoint.train_state,
+    }
+    return atomic_save(payload, path)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint written by `save_checkpoint`; a clear ValueError for anything else."""
+    path = Path(path)
+    payload = safe_load(path, FORMAT, "train or import a model first", map_location)
     if payload.get("version", 0) > VERSION:
         raise ValueError(f"{path} was written by a newer ddpm_core (format {payload['version']}); upgrade ddpm_core")
     return Checkpoint(

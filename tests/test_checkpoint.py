@@ -51,11 +51,11 @@ def test_truncated_and_foreign_files_give_clear_errors(tmp_path):
     good = save_checkpoint(make_checkpoint(), tmp_path / "good.pt").read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match="not a readable ddpm_core checkpoint"):
+    with pytest.raises(ValueError, match="not a readable ddpm_core.checkpoint file"):
         load_checkpoint(truncated)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
-    with pytest.raises(ValueError, match="not a ddpm_core checkpoint"):
+    with pytest.raises(ValueError, match="not a ddpm_core.checkpoint file"):
         load_checkpoint(foreign)
     with pytest.raises(FileNotFoundError, match="no checkpoint at"):
         load_checkpoint(tmp_path / "missing.pt")

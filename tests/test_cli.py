@@ -39,5 +39,5 @@ def test_sample_refuses_missing_and_truncated_checkpoints(tmp_path):
     assert result.returncode == 2 and "no checkpoint at" in result.stderr
     (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
     result = run_cli("sample", "--checkpoint", str(tmp_path / "cut.pt"), "--out", str(tmp_path / "g.png"))
-    assert result.returncode == 2 and "not a readable ddpm_core checkpoint" in result.stderr
+    assert result.returncode == 2 and "not a readable ddpm_core.checkpoint file" in result.stderr
     assert not (tmp_path / "g.png").exists()
