@@ -11,8 +11,9 @@ import argparse
 import torch
 
 from common import time_call, write_results
-from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig
+from ddpm_core.config import DiffusionConfig
 from ddpm_core.denoisers import build_model, count_parameters
+from ddpm_core.profiles import get_profile
 from ddpm_core.runtime import resolve_device
 from ddpm_core.sampling import ddim_sample, ddpm_sample
 from ddpm_core.schedule import NoiseSchedule
@@ -31,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     torch.manual_seed(0)
-    model = build_model(MNIST_SMALL_MODEL).to(device).eval()
+    model = build_model(get_profile("laptop").model).to(device).eval()
     schedule = NoiseSchedule.from_config(DiffusionConfig("linear", args.steps))
     rows = []
     for batch in args.batches:

@@ -17,6 +17,7 @@ from diffusers import UNet2DModel
 from common import time_call, write_results
 from ddpm_core.config import MNIST_SMALL_MODEL, replace
 from ddpm_core.denoisers import build_model, count_parameters
+from ddpm_core.profiles import get_profile
 from ddpm_core.runtime import resolve_device
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     device = resolve_device(args.device)
     torch.manual_seed(0)
     models = {
-        "ddpm_core laptop": build_model(MNIST_SMALL_MODEL),
+        "ddpm_core laptop profile": build_model(get_profile("laptop").model),
+        "ddpm_core 2.73M (first laptop guess)": build_model(MNIST_SMALL_MODEL),
         # the same layout as the diffusers model below, to compare implementations layer for layer
         "ddpm_core (32,64,64)x2": build_model(replace(MNIST_SMALL_MODEL, channel_mults=(1, 2, 2), num_res_blocks=2)),
         "diffusers": diffusers_reference(),

@@ -20,10 +20,9 @@ from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
 from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
-from ddpm_core.data import make_dataset
 from ddpm_core.pretrained import import_pretrained
-from ddpm_core.profiles import get_profile
-from ddpm_core.training import Trainer
+from ddpm_core.profiles import default_profile
+from ddpm_core.runs import resolve_run, train_run
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
 from ddpm_core.sampling import sample
 from ddpm_core.schedule import NoiseSchedule
@@ -65,27 +64,15 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def run_train(args: argparse.Namespace) -> dict:
     """Train a profile, with the command line's overrides, into --out."""
-    profile = get_profile(args.profile)
-    model = profile.model
-    if args.base_channels is not None:
-        model = replace(model, base_channels=args.base_channels)
-    if args.attention is not None:
-        model = replace(model, attention=args.attention)
-    diffusion = replace(profile.diffusion, schedule=args.schedule) if args.schedule else profile.diffusion
-    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                 "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last}
-    train = replace(profile.train, **{k: v for k, v in overrides.items() if v is not None})
-    dataset_name = args.dataset or profile.dataset
-    # the model's shape is passed so that a dataset that does not fit it is refused up front
-    dataset = make_dataset(dataset_name, args.data_root, image_size=model.image_size, channels=model.in_channels)
     device = resolve_device(args.device)
-    holdout = None
-    if dataset_name != "folder":  # best.pt is judged on the test split, which a folder lacks
-        test_split = make_dataset(dataset_name, args.data_root, train=False, flip=False)
-        holdout = torch.stack([test_split[i][0] for i in range(min(args.holdout_images, len(test_split)))])
-    trainer = Trainer(model, diffusion, train, dataset, args.out, device,
-                      extra={"profile": profile.name, "dataset": dataset_name}, holdout=holdout)
-    result = trainer.run(resume=args.resume, progress=args.progress)
+    spec = resolve_run(
+        args.profile or default_profile(device), dataset=args.dataset, schedule=args.schedule,
+        attention=args.attention, base_channels=args.base_channels, steps=args.steps, batch_size=args.batch_size,
+        lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, amp=args.amp, compile=args.compile,
+        channels_last=args.channels_last,
+    )
+    result = train_run(spec, args.out, args.data_root, device, resume=args.resume, progress=args.progress,
+                       holdout_images=args.holdout_images)
     return {"out": args.out, "step": result.step, "final_loss": round(result.final_loss, 5),
             "images_per_s": round(result.images_per_s, 1), "seconds": round(result.seconds, 1),
             "checkpoint": str(result.checkpoint), "device": str(device)}
@@ -164,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=run_demo)
 
     train = commands.add_parser("train", help="train a profile (smoke, laptop, mnist-gpu, cifar10-paper)")
-    train.add_argument("--profile", default="laptop", help="smoke, laptop, mnist-gpu or cifar10-paper")
+    train.add_argument("--profile", default=None,
+                       help="smoke, laptop, mnist-gpu or cifar10-paper (default: mnist-gpu on CUDA, else laptop)")
     train.add_argument("--out", required=True, help="run folder: last.pt, log.jsonl")
     train.add_argument("--dataset", default=None, help="mnist, cifar10 or folder (default: the profile's)")
     train.add_argument("--data-root", default=None, help="default: $DDPM_DATA_ROOT, else ./data")
@@ -174,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=int, default=None)
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--lr", type=float, default=None)
+    train.add_argument("--lr-decay", default=None, help="constant or cosine, after warmup (default: the profile's)")
     train.add_argument("--base-channels", type=int, default=None)
     train.add_argument("--seed", type=int, default=None)
     train.add_argument("--holdout-images", type=int, default=128, help="test images that judge best.pt")

@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
@@ -25,13 +26,15 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ddpm_core.config import DiffusionConfig, ModelConfig, to_dict
+from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.diffusion import loss_simple
 from ddpm_core.monitor import heldout_loss, plot_loss_curve, write_sample_grid
 from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
+
+LrDecay = Literal["constant", "cosine"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class TrainConfig:
     batch_size: int = 128
     lr: float = 2e-4
     warmup_steps: int = 5000  # linear warmup of the learning rate (authors' code)
+    lr_decay: LrDecay = "constant"  # after warmup: constant (the paper) or cosine to 0 at `steps`
     grad_clip: float = 1.0  # gradient-norm clipping (authors' code)
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful EMA early
@@ -56,6 +60,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        check_choice(self.lr_decay, LrDecay, "lr_decay")
         if self.sample_every < 0:
             raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
@@ -65,6 +70,20 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be positive and warmup_steps non-negative")
+
+
+def lr_factor(config: TrainConfig, k: int) -> float:
+    """The learning rate of update k (0-based) as a fraction of config.lr.
+
+    Linear warmup over `warmup_steps`, then constant, or a half cosine from 1 at the end of
+    warmup down to 0 at `steps` (short fixed budgets end on better weights when lr decays).
+    """
+    if k < config.warmup_steps:
+        return (k + 1) / config.warmup_steps
+    if config.lr_decay == "constant":
+        return 1.0
+    progress = min(1.0, (k - config.warmup_steps) / max(config.steps - config.warmup_steps, 1))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class EMA:
@@ -141,8 +160,7 @@ class Trainer:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train_config.ema_decay, train_config.ema_warmup)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr, weight_decay=0.0)
-        warmup = max(train_config.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: min(1.0, (k + 1) / warmup))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(train_config, k))
         self.schedule = NoiseSchedule.from_config(diffusion_config).to(self.device)
         self.holdout = holdout.to(self.device) if holdout is not None else None
         self.best_heldout_loss = math.inf

@@ -1,47 +1,17 @@
 """Data loading through torchvision's real code, on small files written in the real formats
 (and on the real MNIST in ../shared/data where it exists)."""
 
-import hashlib
-import pickle
-import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torchvision import datasets
 
 from ddpm_core.data import DatasetUnavailableError, make_dataset, resolve_data_root
+from fake_data import write_fake_cifar10, write_fake_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def write_fake_mnist(root: Path, n: int = 20) -> np.ndarray:
-    """The four MNIST idx files (uncompressed), as torchvision reads them from root/MNIST/raw."""
-    raw = root / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    images = np.random.default_rng(0).integers(0, 256, (n, 28, 28), dtype=np.uint8)
-    labels = np.arange(n, dtype=np.uint8) % 10
-    for split in ("train", "t10k"):
-        (raw / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
-        (raw / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n) + labels.tobytes())
-    return images
-
-
-def write_fake_cifar10(root: Path, n: int = 6) -> dict[str, str]:
-    """cifar-10-batches-py in the real pickle format; returns each file's md5."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    md5 = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(range(n))}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
-    for path in folder.iterdir():
-        md5[path.name] = hashlib.md5(path.read_bytes()).hexdigest()
-    return md5
 
 
 @pytest.fixture
