@@ -2,9 +2,15 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-FIGURES ?= figures
+# `make run` parameters: PROFILE=auto picks laptop on a CPU and mnist-gpu on CUDA.
+PROFILE ?= auto
+DEVICE ?= auto
+# Extra notebook parameters, e.g. PARAMS="-p schedule cosine -p seed 1"
+PARAMS ?=
+# Where `make test` runs the notebooks on the smoke profile (fake MNIST, never ./runs or figures/)
+SMOKE := $(abspath build/smoke)
 
-.PHONY: run test test-slow bench clean
+.PHONY: run test test-unit test-notebooks test-slow bench lab clean
 
 # The project, installed (editable) into .venv on first use or when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -12,16 +18,34 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e .
 	touch $@
 
-# ... plus the test-only tools (pytest, and diffusers as the independent oracle).
+# ... plus the test-only tools (pytest, nbval, and diffusers as the independent oracle).
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
-run: $(VENV)/.installed
-	$(PY) -m ddpm_core demo --out $(FIGURES)
+$(VENV)/.installed-lab: $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[lab]'
+	touch $@
 
-test: $(VENV)/.installed-test
+# The project's main job: every numbered notebook in order, headless, executed copies in
+# build/notebooks, figures in figures/. MNIST is downloaded into ./data on first use.
+run: $(VENV)/.installed
+	$(PY) -m ddpm_core notebooks --profile $(PROFILE) --device $(DEVICE) $(PARAMS)
+
+test: test-unit test-notebooks
+
+test-unit: $(VENV)/.installed-test
 	$(PY) -m pytest
+
+# nbval executes each notebook (lax: the notebooks' own asserts are the checks) with the
+# smoke profile's parameters injected by papermill.
+test-notebooks: $(VENV)/.installed-test
+	rm -rf $(SMOKE)
+	$(PY) tests/fake_data.py $(SMOKE)/data
+	$(PY) -m ddpm_core notebooks --prepare-only --no-progress --out $(SMOKE)/notebooks --profile smoke \
+		-p data_root $(SMOKE)/data -p runs_root $(SMOKE)/runs -p figures_dir $(SMOKE)/figures \
+		-p num_samples 8 -p compare_samples 2
+	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(SMOKE)/notebooks
 
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -m slow
@@ -30,5 +54,9 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_unet.py
 
+# JupyterLab with working sliders; open notebooks/01_forward_noising.ipynb.
+lab: $(VENV)/.installed-lab
+	$(VENV)/bin/jupyter lab notebooks
+
 clean:
-	rm -rf $(VENV) .pytest_cache benchmarks/results
+	rm -rf $(VENV) .pytest_cache benchmarks/results build

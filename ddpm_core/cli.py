@@ -21,6 +21,7 @@ from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
 from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
 from ddpm_core.pretrained import import_pretrained
+from ddpm_core.notebooks import NotebookFailed, parse_value, run_notebooks
 from ddpm_core.profiles import default_profile
 from ddpm_core.runs import resolve_run, train_run
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
@@ -124,6 +125,15 @@ def save_images(samples: torch.Tensor, folder: Path) -> Path:
     return folder
 
 
+def run_notebooks_command(args: argparse.Namespace) -> dict:
+    """The numbered notebooks in order through papermill: what `make run` runs."""
+    parameters = {"profile": args.profile, "device": args.device}
+    parameters.update({name: parse_value(value) for name, value in args.parameter or []})
+    report = run_notebooks(args.notebooks, args.out, parameters, prepare_only=args.prepare_only,
+                           progress=args.progress)
+    return {"out": args.out, "parameters": parameters, "notebooks": report}
+
+
 def run_import_pretrained(args: argparse.Namespace) -> dict:
     checkpoint = import_pretrained(args.source, args.out, cache_dir=args.cache_dir)
     return {
@@ -194,6 +204,17 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     draw.set_defaults(handler=run_sample)
 
+    notebooks = commands.add_parser("notebooks", help="run the numbered notebooks in order with papermill (make run)")
+    notebooks.add_argument("--profile", default="auto", help="auto (laptop on a CPU, mnist-gpu on CUDA) or a name")
+    notebooks.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    notebooks.add_argument("-p", "--parameter", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                           help="any other notebook parameter, e.g. -p seed 1 -p schedule cosine")
+    notebooks.add_argument("--notebooks", default="notebooks", help="folder of the numbered notebooks")
+    notebooks.add_argument("--out", default="build/notebooks", help="folder for the executed copies")
+    notebooks.add_argument("--prepare-only", action="store_true", help="inject the parameters, run nothing (nbval)")
+    notebooks.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    notebooks.set_defaults(handler=run_notebooks_command)
+
     pretrained = commands.add_parser(
         "import-pretrained", help="convert diffusers' DDPM UNet (e.g. google/ddpm-cifar10-32) into a checkpoint"
     )
@@ -210,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = args.handler(args)
-    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, FloatingPointError) as error:  # bad input: one clear line, no traceback
+    except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, FloatingPointError,
+            NotebookFailed) as error:  # bad input: one clear line, no traceback
         parser.exit(2, f"ddpm {args.command}: error: {error}\n")
     print(json.dumps(report, indent=2))
     return 0

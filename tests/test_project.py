@@ -20,7 +20,8 @@ def pip_requirements_of_environment_yml() -> set[str]:
 
 def test_environment_yml_names_the_same_packages_as_pyproject():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    from_pyproject = set(project["dependencies"]) | set(project["optional-dependencies"]["test"])
+    extras = project["optional-dependencies"]
+    from_pyproject = set(project["dependencies"]) | set(extras["test"]) | set(extras["lab"])
     assert pip_requirements_of_environment_yml() == from_pyproject
     assert "python=3.11" in (ROOT / "environment.yml").read_text()
 
