@@ -1,7 +1,8 @@
 """ddpm_core: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020), readable and tested.
 
 Modules, in the order data flows: config -> schedule -> diffusion (forward process, loss) ->
-layers / unet / denoisers (the model) -> sampling (DDPM, DDIM) -> plotting -> cli.
+layers / unet / denoisers (the model) -> training -> sampling (DDPM, DDIM) -> classifier / guidance
+-> plotting / widgets -> cli.
 """
 
 from ddpm_core.config import DiffusionConfig, ModelConfig

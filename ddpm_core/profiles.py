@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm_core.classifier import ClassifierConfig
 from ddpm_core.config import CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, DiffusionConfig, ModelConfig, replace
 from ddpm_core.data import DatasetName
 from ddpm_core.training import TrainConfig
@@ -23,6 +24,7 @@ class Profile:
     diffusion: DiffusionConfig
     train: TrainConfig
     about: str
+    classifier: ClassifierConfig = ClassifierConfig()  # the noise-aware classifier for guidance
 
 
 # Half the channels of MNIST_SMALL_MODEL at 7x7 and attention only in the middle: 1.6x the
@@ -39,12 +41,14 @@ PROFILES = {
             TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.99, ema_warmup=True,
                         log_every=5, checkpoint_every=10, sample_every=10, sample_images=4),
             "seconds on a CPU: exercises every stage, learns nothing (tests and CI)",
+            ClassifierConfig(steps=10, batch_size=8),
         ),
         Profile(
             "laptop", "mnist", LAPTOP_MODEL, DiffusionConfig("linear", 1000),
             TrainConfig(steps=1800, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=100, ema_decay=0.999,
                         ema_warmup=True, log_every=25, checkpoint_every=450, sample_every=900),
             "MNIST on a 2-core CPU in under 30 minutes (README: how it was tuned)",
+            ClassifierConfig(steps=800, batch_size=128, lr=2e-3),
         ),
         Profile(
             "mnist-gpu", "mnist", replace(MNIST_SMALL_MODEL, base_channels=64, num_res_blocks=2, dropout=0.1),
@@ -52,11 +56,13 @@ PROFILES = {
             TrainConfig(steps=20_000, batch_size=128, lr=4e-4, warmup_steps=500, ema_decay=0.9995, ema_warmup=True,
                         log_every=100, checkpoint_every=2000, sample_every=2000, num_workers=4),
             "MNIST to full quality on one GPU",
+            ClassifierConfig(steps=5000, batch_size=256, lr=1e-3),
         ),
         Profile(
             "cifar10-paper", "cifar10", CIFAR10_PAPER_MODEL, DiffusionConfig("linear", 1000),
             TrainConfig(num_workers=8, sample_every=10_000, sample_images=64),
             "the paper's CIFAR-10 run: 35.7M UNet, batch 128, lr 2e-4, warmup 5000, EMA 0.9999, 800k steps",
+            ClassifierConfig(steps=150_000, batch_size=256, lr=3e-4),
         ),
     )
 }

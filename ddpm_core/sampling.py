@@ -10,7 +10,8 @@ lines that a notebook can write itself:
         x = ddpm_step(schedule, eps_pred, x, t, generator=generator).x_prev
 
 `ddpm_sample` and `ddim_sample` are that loop with trajectories, progress bars, eval mode and
-`torch.inference_mode()` added. t is 0-indexed (index t is the paper's step t + 1).
+`torch.no_grad()` added, and an optional guidance gradient (see `ddpm_core.guidance`). t is
+0-indexed (index t is the paper's step t + 1).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def ddpm_step(
     clip_denoised: bool = True,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    guidance_grad: torch.Tensor | None = None,
 ) -> StepOutput:
     """One ancestral step x_t -> x_{t-1} ~ N(mu_tilde(x_t, x0_pred), sigma_t^2 I).
 
@@ -60,6 +62,8 @@ def ddpm_step(
     from a (clipped) x0 prediction rather than Alg. 2's closed form, which it equals when no
     clipping happens. `variance`: "fixedlarge" sigma_t^2 = beta_t (the paper's CIFAR-10
     choice, FID 3.17), "fixedsmall" sigma_t^2 = beta_tilde_t (Sec. 3.2).
+    `guidance_grad` g (B, C, H, W), e.g. s * grad log p(y | x_t): the mean becomes
+    mu + sigma_t^2 g (Dhariwal & Nichol 2021, Alg. 1), with this step's own variance.
     """
     check_choice(variance, VarianceName, "variance")
     # 1. predict x0 from eps: Ho et al. 2020, Eq. (15)
@@ -69,10 +73,13 @@ def ddpm_step(
         x0_pred = x0_pred.clamp(-1.0, 1.0)
     # 3. posterior mean: Ho et al. 2020, Eq. (7)
     mean = q_posterior(schedule, x0_pred, x_t, t).mean
+    sigma_sq = schedule.betas[t] if variance == "fixedlarge" else schedule.posterior_variance[t]
+    # 3b. classifier guidance shifts the mean by Sigma g: Dhariwal & Nichol 2021, Alg. 1
+    if guidance_grad is not None:
+        mean = mean + sigma_sq * guidance_grad
     # 4. add noise with the chosen variance (none at t = 0: Alg. 2, line 3)
     if t == 0:
         return StepOutput(mean, x0_pred)
-    sigma_sq = schedule.betas[t] if variance == "fixedlarge" else schedule.posterior_variance[t]
     if noise is None:
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     return StepOutput(mean + sigma_sq.sqrt() * noise, x0_pred)
@@ -114,6 +121,7 @@ def ddim_step(
     clip_denoised: bool = True,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    guidance_grad: torch.Tensor | None = None,
 ) -> StepOutput:
     """One DDIM step x_t -> x_{t_prev}, Song et al. 2021 (DDIM), Eq. (12).
 
@@ -121,8 +129,13 @@ def ddim_step(
     deterministic DDIM, eta = 1 is DDPM with sigma^2 = beta_tilde. When x0 is clipped, eps is
     recomputed from the clipped x0 so that both terms of Eq. (12) agree (as improved-diffusion
     does; diffusers' `use_clipped_model_output=True`).
+    `guidance_grad` g (B, C, H, W), e.g. s * grad log p(y | x_t): eps_pred is replaced by
+    eps_pred - sqrt(1 - alpha_bar_t) g before anything else (Dhariwal & Nichol 2021, Alg. 2).
     """
     coef = ddim_coefficients(schedule, t, t_prev, eta)
+    # 0. classifier guidance, as a shift of the predicted noise: Dhariwal & Nichol 2021, Alg. 2
+    if guidance_grad is not None:
+        eps_pred = eps_pred - schedule.sqrt_one_minus_alphas_cumprod[t] * guidance_grad
     # 1. predict x0 from eps: DDIM Eq. (12), "predicted x0" (= Ho et al. 2020, Eq. (15))
     x0_pred = predict_x0_from_eps(schedule, x_t, t, eps_pred)
     # 2. clip x0 to [-1, 1] and make eps consistent with it
@@ -171,13 +184,13 @@ def ddpm_sample(
     """Draw samples with all T ancestral steps of Ho et al. 2020, Alg. 2.
 
     `loop_options` are those of `reverse_loop`: y, x_T, generator, device, trajectory_steps,
-    progress, amp.
+    progress, amp, guidance.
     """
     check_choice(variance, VarianceName, "variance")
     pairs = [(t, t - 1) for t in reversed(range(schedule.num_timesteps))]  # [(T-1, T-2), ..., (0, -1)]
 
-    def step(eps_pred, x_t, t, t_prev, generator):
-        return ddpm_step(schedule, eps_pred, x_t, t, variance, clip_denoised, generator=generator)
+    def step(eps_pred, x_t, t, t_prev, generator, grad):
+        return ddpm_step(schedule, eps_pred, x_t, t, variance, clip_denoised, generator=generator, guidance_grad=grad)
 
     return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
 
@@ -201,16 +214,20 @@ def ddim_sample(
     taus = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     pairs = list(zip(reversed(taus), [*reversed(taus[:-1]), -1]))  # [(tau_{S-1}, tau_{S-2}), ..., (tau_0, -1)]
 
-    def step(eps_pred, x_t, t, t_prev, generator):
-        return ddim_step(schedule, eps_pred, x_t, t, t_prev, eta, clip_denoised, generator=generator)
+    def step(eps_pred, x_t, t, t_prev, generator, grad):
+        return ddim_step(schedule, eps_pred, x_t, t, t_prev, eta, clip_denoised, generator=generator,
+                         guidance_grad=grad)
 
     return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
 
 
-StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Generator | None"], StepOutput]
+# step(eps_pred, x_t, t, t_prev, generator, guidance_grad or None) -> StepOutput
+StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Generator | None", "torch.Tensor | None"], StepOutput]
+# guidance(x_t, t (B,)) -> g (B, C, H, W), e.g. s * grad log p(y | x_t); see ddpm_core.guidance
+GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: guidance takes gradients (under enable_grad) in the loop
 def reverse_loop(
     model: Denoiser,
     schedule: NoiseSchedule,
@@ -224,13 +241,15 @@ def reverse_loop(
     trajectory_steps: Iterable[int] | None = None,
     progress: bool = False,
     amp: bool = False,
+    guidance: GuidanceFn | None = None,
 ) -> SampleOutput:
     """Run `step` over the (t, t_prev) `pairs`, starting from x_T ~ N(0, I) of `shape`.
 
     y: class labels (B,) for a class-conditional model. generator: drives every random draw
     (it must live on `device`). device: defaults to the model's. trajectory_steps: the t at
     which to keep x_t and x0_pred (for pictures). amp: run the model under bfloat16 autocast
-    (worth it on recent GPUs; the step arithmetic stays float32).
+    (worth it on recent GPUs; the step arithmetic stays float32). guidance: called on
+    (x_t, t) at every step; its result is the step's `guidance_grad`.
     """
     if device is None:
         device = next(iter(model.parameters())).device if isinstance(model, torch.nn.Module) else "cpu"
@@ -250,7 +269,8 @@ def reverse_loop(
             t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             with autocast:
                 eps_pred = model(x, t_batch, y).float()
-            x_next, x0_pred = step(eps_pred, x, t, t_prev, generator)
+            grad = guidance(x, t_batch) if guidance is not None else None
+            x_next, x0_pred = step(eps_pred, x, t, t_prev, generator, grad)
             if t in keep:
                 recorded.append((t, x.cpu(), x0_pred.cpu()))
             x = x_next

@@ -58,9 +58,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (pays on long GPU runs)
     channels_last: bool = False  # CUDA only; slower on CPUs
     num_workers: int = 0
+    label_dropout: float = 0.0  # class-conditional models: share of labels replaced by "no class"
 
     def __post_init__(self) -> None:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.sample_every < 0:
             raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
@@ -230,6 +233,11 @@ class Trainer:
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """One step of Alg. 1 plus warmup, clipping and the EMA update. Returns the loss."""
         autocast = self.config.amp and self.device.type == "cuda"
+        if y is not None and self.config.label_dropout > 0:
+            # Ho & Salimans 2022, Alg. 1: train the unconditional model jointly, as the "null"
+            # label (index num_classes), so that classifier-free guidance can mix the two.
+            drop = torch.rand(y.shape, device=y.device) < self.config.label_dropout
+            y = torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_simple(self.forward, self.schedule, x0, y)
         if not torch.isfinite(loss):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torchvision import datasets
 
 from ddpm_core.config import DiffusionConfig, ModelConfig
 from ddpm_core.schedule import NoiseSchedule
@@ -33,3 +34,16 @@ def randomize_(model: torch.nn.Module, std: float = 0.05) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(0.0, std)
     return model
+
+
+@pytest.fixture
+def fake_cifar_checksums(monkeypatch):
+    """Point torchvision's CIFAR-10 checksums at our fake files, so its own integrity check runs."""
+
+    def install(md5: dict[str, str]):
+        cls = datasets.CIFAR10
+        monkeypatch.setattr(cls, "train_list", [[name, md5[name]] for name, _ in cls.train_list])
+        monkeypatch.setattr(cls, "test_list", [[name, md5[name]] for name, _ in cls.test_list])
+        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["batches.meta"]})
+
+    return install

@@ -6,25 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torchvision import datasets
 
 from ddpm_core.data import DatasetUnavailableError, make_dataset, resolve_data_root
 from fake_data import write_fake_cifar10, write_fake_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-@pytest.fixture
-def fake_cifar_checksums(monkeypatch):
-    """Point torchvision's CIFAR-10 checksums at our fake files, so its own integrity check runs."""
-
-    def install(md5: dict[str, str]):
-        cls = datasets.CIFAR10
-        monkeypatch.setattr(cls, "train_list", [[name, md5[name]] for name, _ in cls.train_list])
-        monkeypatch.setattr(cls, "test_list", [[name, md5[name]] for name, _ in cls.test_list])
-        monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5["batches.meta"]})
-
-    return install
 
 
 def test_mnist_loads_in_minus_one_to_one(tmp_path):
