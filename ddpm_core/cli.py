@@ -2,8 +2,9 @@
 
 This module owns argument parsing and wiring; every computation is a library call.
 Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot),
-`train` (a profile on MNIST, CIFAR-10 or an image folder), `sample` (draw images from a
-checkpoint), `import-pretrained` (the authors' released weights).
+`train` (a profile on MNIST, CIFAR-10 or an image folder), `train-classifier` (the noise-aware
+classifier for guidance), `sample` (draw images from a checkpoint, optionally guided towards
+chosen classes), `notebooks` (the papermill batch), `import-pretrained` (the authors' weights).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from pathlib import Path
 import torch
 
 from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.classifier import load_noisy_classifier
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
+from ddpm_core.guidance import ClassifierFreeGuidance, classifier_guidance
 from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
 from ddpm_core.pretrained import import_pretrained
 from ddpm_core.notebooks import NotebookFailed, parse_value, run_notebooks
-from ddpm_core.profiles import default_profile
-from ddpm_core.runs import resolve_run, train_run
+from ddpm_core.profiles import default_profile, get_profile
+from ddpm_core.runs import resolve_run, train_classifier, train_run
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
 from ddpm_core.sampling import sample
 from ddpm_core.schedule import NoiseSchedule
@@ -70,7 +73,8 @@ def run_train(args: argparse.Namespace) -> dict:
         args.profile or default_profile(device), dataset=args.dataset, schedule=args.schedule,
         attention=args.attention, base_channels=args.base_channels, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, amp=args.amp, compile=args.compile,
-        channels_last=args.channels_last,
+        channels_last=args.channels_last, num_classes=10 if args.class_conditional else None,
+        label_dropout=args.label_dropout if args.class_conditional else None,
     )
     result = train_run(spec, args.out, args.data_root, device, resume=args.resume, progress=args.progress,
                        holdout_images=args.holdout_images)
@@ -79,20 +83,70 @@ def run_train(args: argparse.Namespace) -> dict:
             "checkpoint": str(result.checkpoint), "device": str(device)}
 
 
+def run_train_classifier(args: argparse.Namespace) -> dict:
+    """Train the noise-aware classifier p_phi(y | x_t, t) for the diffusion of a run folder
+    (its last.pt gives the schedule and image shape; without one, the profile's)."""
+    device = resolve_device(args.device)
+    profile = get_profile(args.profile or default_profile(device))
+    folder = Path(args.checkpoint_dir)
+    model_config, diffusion = profile.model, profile.diffusion
+    if (folder / "last.pt").is_file():
+        checkpoint = load_checkpoint(folder / "last.pt")
+        model_config, diffusion = checkpoint.model_config, checkpoint.diffusion_config
+    overrides = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    config = replace(profile.classifier, **{k: v for k, v in overrides.items() if v is not None})
+    out = Path(args.out) if args.out else folder / "noisy_classifier.pt"
+    metadata = train_classifier(model_config, diffusion, args.dataset or profile.dataset, config, out, args.data_root,
+                                device, args.progress, args.eval_images)
+    return {"classifier": str(out), "device": str(device), **metadata}
+
+
+def guided_model(args: argparse.Namespace, checkpoint, model, device) -> tuple:
+    """What `sample` runs for --class: the model (wrapped for classifier-free guidance when the
+    checkpoint is class-conditional) and the noise-aware classifier, if one guides it."""
+    if not args.class_labels:
+        if args.classifier:
+            raise ValueError("--classifier needs the classes to draw: --class N [N ...]")
+        return model, None
+    if checkpoint.model_config.num_classes is not None:  # classifier-free guidance
+        if args.classifier:
+            raise ValueError("this checkpoint is class-conditional: guide it with --guidance-weight, not --classifier")
+        return ClassifierFreeGuidance(model, args.guidance_weight), None
+    if not args.classifier:
+        raise ValueError("this checkpoint is unconditional: --class needs --classifier PATH "
+                         "(python -m ddpm_core train-classifier), or sample a class-conditional checkpoint")
+    classifier, diffusion = load_noisy_classifier(args.classifier, device)
+    if diffusion != checkpoint.diffusion_config:
+        raise ValueError(f"the classifier was trained for {diffusion}, the checkpoint uses "
+                         f"{checkpoint.diffusion_config}; train a classifier for this checkpoint's schedule")
+    return model, classifier
+
+
 def run_sample(args: argparse.Namespace) -> dict:
-    """Draw `--num` images from a checkpoint in batches; write a grid, optionally all images."""
+    """Draw `--num` images from a checkpoint in batches; write a grid, optionally all images.
+    With --class, guided towards those classes (cycled over the images): by a noise-aware
+    classifier (--classifier, --guidance-scale) or, for a class-conditional checkpoint,
+    classifier-free (--guidance-weight)."""
     checkpoint = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
     model = checkpoint.build_model(use_ema=args.ema).to(device)
+    model, classifier = guided_model(args, checkpoint, model, device)
     schedule = NoiseSchedule.from_config(checkpoint.diffusion_config)
     config = checkpoint.model_config
+    labels = torch.tensor(args.class_labels or [0]).repeat(args.num)[: args.num]  # cycled over the images
+    num_classes = config.num_classes or (classifier.num_classes if classifier is not None else None)
+    if args.class_labels and not all(0 <= c < num_classes for c in args.class_labels):
+        raise ValueError(f"--class takes labels 0 to {num_classes - 1}, got {args.class_labels}")
     generator = make_generator(args.seed, device)
     images, start = [], time.perf_counter()
     for first in range(0, args.num, args.batch_size):
         shape = (min(args.batch_size, args.num - first), config.in_channels, config.image_size, config.image_size)
+        y = labels[first: first + shape[0]].to(device)
         result = sample(
             model, schedule, shape, sampler=args.sampler, num_steps=args.steps, variance=args.variance,
             eta=args.eta, spacing=args.spacing, generator=generator, progress=args.progress, amp=args.amp,
+            y=y if args.class_labels and classifier is None else None,
+            guidance=classifier_guidance(classifier, y, args.guidance_scale) if classifier is not None else None,
         )
         images.append(to_uint8(result.samples))  # (B, C, H, W) uint8 on the CPU
     samples = torch.cat(images)
@@ -105,6 +159,10 @@ def run_sample(args: argparse.Namespace) -> dict:
         "eta": args.eta if args.sampler == "ddim" else None, "ema": args.ema and checkpoint.ema_state is not None,
         "seconds": round(seconds, 2), "images_per_s": round(args.num / seconds, 2), "grid": str(grid),
     }
+    if args.class_labels:
+        report["classes"] = args.class_labels
+        report["guidance"] = ({"classifier": str(args.classifier), "scale": args.guidance_scale} if classifier is not None
+                              else {"classifier_free_weight": args.guidance_weight})
     if args.save_tensor:
         Path(args.save_tensor).parent.mkdir(parents=True, exist_ok=True)
         torch.save(samples, args.save_tensor)  # uint8 (N, C, H, W), as images are stored
@@ -179,9 +237,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (CUDA)")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(CUDA)")
+    train.add_argument("--class-conditional", action="store_true",
+                       help="train eps(x_t, t, y) with label dropout, for classifier-free guidance")
+    train.add_argument("--label-dropout", type=float, default=0.1, help="with --class-conditional (default 0.1)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     train.set_defaults(handler=run_train)
+
+    classify = commands.add_parser("train-classifier", help="train the noise-aware classifier for classifier guidance")
+    classify.add_argument("--checkpoint-dir", required=True,
+                          help="the diffusion run's folder: its last.pt sets schedule and shape; the classifier goes here")
+    classify.add_argument("--profile", default=None, help="whose classifier budget (default: as for train)")
+    classify.add_argument("--out", default=None, help="default: CHECKPOINT_DIR/noisy_classifier.pt")
+    classify.add_argument("--dataset", default=None, help="mnist or cifar10 (default: the profile's)")
+    classify.add_argument("--data-root", default=None, help="default: $DDPM_DATA_ROOT, else ./data")
+    classify.add_argument("--steps", type=int, default=None)
+    classify.add_argument("--batch-size", type=int, default=None)
+    classify.add_argument("--lr", type=float, default=None)
+    classify.add_argument("--eval-images", type=int, default=1000, help="test images for the accuracy-by-t report")
+    classify.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    classify.add_argument("--seed", type=int, default=None)
+    classify.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    classify.set_defaults(handler=run_train_classifier)
 
     draw = commands.add_parser("sample", help="draw images from a checkpoint (its configs travel inside it)")
     draw.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
@@ -191,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
     draw.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
     draw.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
+    draw.add_argument("--class", dest="class_labels", type=int, nargs="+", default=None, metavar="N",
+                      help="guide towards these classes, cycled over the images")
+    draw.add_argument("--classifier", default=None, help="noise-aware classifier for an unconditional checkpoint")
+    draw.add_argument("--guidance-scale", type=float, default=1.0, help="classifier guidance scale s")
+    draw.add_argument("--guidance-weight", type=float, default=1.0,
+                      help="classifier-free guidance weight w (class-conditional checkpoints)")
     draw.add_argument("--num", type=int, default=64, help="number of images")
     draw.add_argument("--batch-size", type=int, default=256)
     draw.add_argument("--out", default="samples.png", help="PNG grid of the first --grid-size images")
