@@ -8,6 +8,7 @@ headless and a notebook shows a returned figure like any other.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -81,7 +82,7 @@ def plot_image_table(images: torch.Tensor, column_titles: list[str], row_titles:
             if r == 0:
                 ax.set_title(column_titles[k], fontsize=9)
             if k == 0 and row_titles:
-                ax.set_ylabel(row_titles[r], fontsize=9)
+                ax.set_ylabel(row_titles[r], fontsize=9, rotation=0, ha="right", va="center")
     return fig
 
 
@@ -144,4 +145,24 @@ def plot_image_grid(images: torch.Tensor, nrow: int = 8, title: str | None = Non
     ax.set_axis_off()
     if title:
         ax.set_title(title)
+    return fig
+
+
+def plot_curves(x: Sequence[float], curves: dict[str, Sequence[float]], xlabel: str, ylabel: str,
+                title: str | None = None, xs: dict[str, Sequence[float]] | None = None,
+                ylim: tuple[float, float] | None = None) -> Figure:
+    """Named curves over a shared x (or each over its own `xs[name]`), markers on the points:
+    e.g. a classifier's accuracy against t, or guided accuracy against the guidance scale."""
+    fig = Figure(figsize=(5.5, 3.2), layout="constrained")
+    ax = fig.subplots()
+    for name, values in curves.items():
+        ax.plot(list((xs or {}).get(name, x)), list(values), marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if ylim:
+        ax.set_ylim(*ylim)
+    ax.grid(alpha=0.3)
+    ax.legend()
     return fig

@@ -27,13 +27,22 @@ def figure_slider(draw: Callable[[int], Figure], values: Sequence[int], descript
         raise ValueError(f"the initial value {value} is not one of the slider's values")
     slider = ipywidgets.SelectionSlider(options=values, value=value, description=description,
                                         continuous_update=False)
+    return figure_controls(lambda value: draw(value), value=slider)
+
+
+def figure_controls(draw: Callable[..., Figure], **controls: ipywidgets.ValueWidget) -> ipywidgets.Widget:
+    """Controls (named widgets, e.g. a digit dropdown and a scale slider) above the figure
+    `draw(**their values)`, redrawn when any of them changes."""
+    if not controls:
+        raise ValueError("figure_controls needs at least one control")
     output = ipywidgets.Output()
 
     def redraw(change=None) -> None:
         with output:
             output.clear_output(wait=True)
-            display(draw(slider.value))
+            display(draw(**{name: widget.value for name, widget in controls.items()}))
 
-    slider.observe(redraw, names="value")
+    for widget in controls.values():
+        widget.observe(redraw, names="value")
     redraw()
-    return ipywidgets.VBox([slider, output])
+    return ipywidgets.VBox([ipywidgets.HBox(list(controls.values())), output])

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ipywidgets
 import nbformat
 import pytest
 import torch
@@ -13,7 +14,7 @@ from PIL import Image
 
 from ddpm_core.notebooks import NotebookFailed, notebook_paths, parse_value, run_notebooks
 from ddpm_core.plotting import plot_image_table, plot_pixel_histogram, plot_timestep_embedding, save_gif
-from ddpm_core.widgets import figure_slider
+from ddpm_core.widgets import figure_controls, figure_slider
 
 
 def write_notebook(path, *sources, parameters="value = 1  # a parameter"):
@@ -62,12 +63,30 @@ def test_the_slider_draws_its_initial_value_then_follows_the_slider():
         return f"figure {k}"
 
     widget = figure_slider(draw, [0, 10, 20], description="t", value=10)
-    slider = widget.children[0]
+    slider = widget.children[0].children[0]
     assert list(slider.options) == [0, 10, 20] and drawn == [10]
     slider.value = 20
     assert drawn == [10, 20]
     with pytest.raises(ValueError, match="not one of"):
         figure_slider(draw, [0, 10], value=5)
+
+
+def test_controls_redraw_with_every_value_they_hold():
+    drawn = []
+
+    def draw(digit, scale):
+        drawn.append((digit, scale))
+        return f"figure {digit} {scale}"
+
+    digit = ipywidgets.Dropdown(options=list(range(10)), value=3)
+    scale = ipywidgets.SelectionSlider(options=[0, 1, 5], value=1)
+    widget = figure_controls(draw, digit=digit, scale=scale)
+    assert list(widget.children[0].children) == [digit, scale] and drawn == [(3, 1)]
+    digit.value = 7
+    scale.value = 5
+    assert drawn == [(3, 1), (7, 1), (7, 5)]
+    with pytest.raises(ValueError, match="at least one control"):
+        figure_controls(draw)
 
 
 def test_figures_have_one_panel_per_image_and_the_gif_one_frame_per_step(tmp_path):
