@@ -1,0 +1,115 @@
+"""Does guidance draw the digit that was asked for? The clean-MNIST judge's accuracy against scale.
+
+Classifier guidance: the profile's unconditional model plus its noise-aware classifier, at
+scales s. Classifier-free guidance: the same profile made class-conditional and trained with
+label dropout 0.1 (same steps, batch and model), at weights w. For each setting N samples
+(labels 0-9 in turn) are drawn with the same sampler and starting noise; the judge (a separate
+CNN trained on clean MNIST) reports the share classified as the requested digit, the share it
+is confident about (>= 90%), and the time. Grids (a row per digit) go to benchmarks/results/.
+Every model is trained on first use and cached under runs/ (the notebooks share them).
+
+Run: `.venv/bin/python benchmarks/guidance_accuracy.py --data-root DIR [--profile laptop]
+      [--num 500] [--scales 0 1 2 5 10] [--weights 0 1 2 5] [--sampler ddim --steps 50 --eta 1]`
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from common import RESULTS, machine, write_results
+from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.classifier import load_noisy_classifier
+from ddpm_core.guidance import ClassifierFreeGuidance, classifier_guided_sample
+from ddpm_core.judge import judge, load_digit_classifier
+from ddpm_core.plotting import save_image_grid
+from ddpm_core.runs import class_conditional, resolve_run, trained_checkpoint, trained_classifier, trained_judge
+from ddpm_core.runtime import make_generator, resolve_device
+from ddpm_core.sampling import sample
+from ddpm_core.schedule import NoiseSchedule
+
+
+def grid_rows(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 10) -> torch.Tensor:
+    """The first `per_row` samples of each digit, digit 0 in the first row."""
+    return torch.cat([samples[labels == digit][:per_row] for digit in range(10)])
+
+
+def score(name: str, value: float, samples: torch.Tensor, labels: torch.Tensor, judge_model, seconds: float) -> dict:
+    verdict = judge(judge_model, samples)
+    row = {"guidance": name, "scale": value, "num": len(labels),
+           "accuracy": (verdict.labels == labels).float().mean().item(),
+           "confident_and_correct": ((verdict.labels == labels) & (verdict.confidence >= 0.9)).float().mean().item(),
+           "confident_fraction": verdict.confident_fraction, "seconds": round(seconds, 1)}
+    save_image_grid(grid_rows(samples, labels), RESULTS / f"guidance_{name}_{value:g}.png", nrow=10)
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="laptop")
+    parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
+    parser.add_argument("--num", type=int, default=500, help="samples per scale")
+    parser.add_argument("--scales", type=float, nargs="*", default=[0, 1, 2, 5, 10])
+    parser.add_argument("--weights", type=float, nargs="*", default=[0, 1, 2, 5])
+    parser.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    parser.add_argument("--batch", type=int, default=250, help="samples per sampler call")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    device = resolve_device("auto")
+    spec = resolve_run(args.profile)
+    timings = {}
+    for name, make in (("unconditional model", lambda: trained_checkpoint(spec, args.data_root, device, progress=True)),
+                       ("conditional model", lambda: trained_checkpoint(class_conditional(spec), args.data_root,
+                                                                        device, progress=True)),
+                       ("noisy classifier", lambda: trained_classifier(spec, args.data_root, device, progress=True)),
+                       ("judge", lambda: trained_judge(args.data_root, RESULTS / "digit_classifier.pt", device))):
+        start = time.perf_counter()
+        timings[name] = (make(), round(time.perf_counter() - start, 1))
+        print(f"{name}: {timings[name][0]} ({timings[name][1]} s)", flush=True)
+
+    judge_model = load_digit_classifier(timings["judge"][0]).to(device)
+    unconditional = load_checkpoint(timings["unconditional model"][0])
+    conditional = load_checkpoint(timings["conditional model"][0])
+    classifier, _ = load_noisy_classifier(timings["noisy classifier"][0], device)
+    schedule = NoiseSchedule.from_config(unconditional.diffusion_config).to(device)
+    image_shape = (spec.model.in_channels, spec.model.image_size, spec.model.image_size)
+    labels = torch.arange(args.num) % 10
+    options = dict(sampler=args.sampler, num_steps=args.steps if args.sampler == "ddim" else None, eta=args.eta)
+
+    def draw(fn) -> tuple[torch.Tensor, float]:
+        """fn(x_T, y, generator) on batches of labels, from the same noise for every setting."""
+        start, out = time.perf_counter(), []
+        generator = make_generator(args.seed, device)
+        for y in labels.split(args.batch):
+            x_T = torch.randn(len(y), *image_shape, generator=generator, device=device)
+            out.append(fn(x_T, y.to(device), generator).samples.cpu())
+        return torch.cat(out), time.perf_counter() - start
+
+    rows = []
+    model = unconditional.build_model().to(device)
+    for s in args.scales:
+        samples, seconds = draw(lambda x_T, y, g: classifier_guided_sample(
+            model, schedule, classifier, y, s, image_shape, x_T=x_T, generator=g, **options))
+        rows.append(score("classifier", s, samples, labels, judge_model, seconds))
+    model = conditional.build_model().to(device)
+    for w in args.weights:
+        guided = ClassifierFreeGuidance(model, w)
+        samples, seconds = draw(lambda x_T, y, g: sample(guided, schedule, x_T.shape, x_T=x_T, y=y, generator=g,
+                                                         **options))
+        rows.append(score("classifier-free", w, samples, labels, judge_model, seconds))
+    write_results("guidance_accuracy", {
+        "machine": machine(), "profile": args.profile, "sampler": options, "num_per_scale": args.num,
+        "models": {name: {"path": str(path), "seconds_to_get": secs} for name, (path, secs) in timings.items()},
+        "classifier_training": torch.load(timings["noisy classifier"][0], weights_only=True)["metadata"],
+        "rows": rows,
+    })
+
+
+if __name__ == "__main__":
+    main()
