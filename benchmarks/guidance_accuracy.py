@@ -36,13 +36,14 @@ def grid_rows(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 10) ->
     return torch.cat([samples[labels == digit][:per_row] for digit in range(10)])
 
 
-def score(name: str, value: float, samples: torch.Tensor, labels: torch.Tensor, judge_model, seconds: float) -> dict:
+def score(name: str, value: float, samples: torch.Tensor, labels: torch.Tensor, judge_model, seconds: float,
+          tag: str = "") -> dict:
     verdict = judge(judge_model, samples)
     row = {"guidance": name, "scale": value, "num": len(labels),
            "accuracy": (verdict.labels == labels).float().mean().item(),
            "confident_and_correct": ((verdict.labels == labels) & (verdict.confidence >= 0.9)).float().mean().item(),
            "confident_fraction": verdict.confident_fraction, "seconds": round(seconds, 1)}
-    save_image_grid(grid_rows(samples, labels), RESULTS / f"guidance_{name}_{value:g}.png", nrow=10)
+    save_image_grid(grid_rows(samples, labels), RESULTS / f"guidance{tag}_{name}_{value:g}.png", nrow=10)
     print(row, flush=True)
     return row
 
@@ -59,6 +60,9 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
     parser.add_argument("--batch", type=int, default=250, help="samples per sampler call")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix for the result files, to keep several runs apart")
+    parser.add_argument("--classifier", default=None,
+                        help="a noise-aware classifier file to use instead of the profile's (e.g. from train-classifier)")
     args = parser.parse_args()
 
     device = resolve_device("auto")
@@ -67,7 +71,8 @@ def main() -> None:
     for name, make in (("unconditional model", lambda: trained_checkpoint(spec, args.data_root, device, progress=True)),
                        ("conditional model", lambda: trained_checkpoint(class_conditional(spec), args.data_root,
                                                                         device, progress=True)),
-                       ("noisy classifier", lambda: trained_classifier(spec, args.data_root, device, progress=True)),
+                       ("noisy classifier", lambda: args.classifier or trained_classifier(spec, args.data_root, device,
+                                                                                           progress=True)),
                        ("judge", lambda: trained_judge(args.data_root, RESULTS / "digit_classifier.pt", device))):
         start = time.perf_counter()
         timings[name] = (make(), round(time.perf_counter() - start, 1))
@@ -76,9 +81,11 @@ def main() -> None:
     judge_model = load_digit_classifier(timings["judge"][0]).to(device)
     unconditional = load_checkpoint(timings["unconditional model"][0])
     conditional = load_checkpoint(timings["conditional model"][0])
-    classifier, _ = load_noisy_classifier(timings["noisy classifier"][0], device)
+    classifier, diffusion = load_noisy_classifier(timings["noisy classifier"][0], device)
     schedule = NoiseSchedule.from_config(unconditional.diffusion_config).to(device)
     image_shape = (spec.model.in_channels, spec.model.image_size, spec.model.image_size)
+    if args.classifier and diffusion != unconditional.diffusion_config:
+        raise SystemExit(f"{args.classifier} was trained for {diffusion}, not {unconditional.diffusion_config}")
     labels = torch.arange(args.num) % 10
     options = dict(sampler=args.sampler, num_steps=args.steps if args.sampler == "ddim" else None, eta=args.eta)
 
@@ -96,14 +103,14 @@ def main() -> None:
     for s in args.scales:
         samples, seconds = draw(lambda x_T, y, g: classifier_guided_sample(
             model, schedule, classifier, y, s, image_shape, x_T=x_T, generator=g, **options))
-        rows.append(score("classifier", s, samples, labels, judge_model, seconds))
+        rows.append(score("classifier", s, samples, labels, judge_model, seconds, args.tag))
     model = conditional.build_model().to(device)
     for w in args.weights:
         guided = ClassifierFreeGuidance(model, w)
         samples, seconds = draw(lambda x_T, y, g: sample(guided, schedule, x_T.shape, x_T=x_T, y=y, generator=g,
                                                          **options))
-        rows.append(score("classifier-free", w, samples, labels, judge_model, seconds))
-    write_results("guidance_accuracy", {
+        rows.append(score("classifier-free", w, samples, labels, judge_model, seconds, args.tag))
+    write_results(f"guidance_accuracy{args.tag}", {
         "machine": machine(), "profile": args.profile, "sampler": options, "num_per_scale": args.num,
         "models": {name: {"path": str(path), "seconds_to_get": secs} for name, (path, secs) in timings.items()},
         "classifier_training": torch.load(timings["noisy classifier"][0], weights_only=True)["metadata"],
