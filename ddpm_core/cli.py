@@ -4,7 +4,8 @@ This module owns argument parsing and wiring; every computation is a library cal
 Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot),
 `train` (a profile on MNIST, CIFAR-10 or an image folder), `train-classifier` (the noise-aware
 classifier for guidance), `sample` (draw images from a checkpoint, optionally guided towards
-chosen classes), `notebooks` (the papermill batch), `import-pretrained` (the authors' weights).
+chosen classes), `evaluate` (FID and IS of a checkpoint's samples), `notebooks` (the papermill
+batch), `import-pretrained` (the authors' weights).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.classifier import load_noisy_classifier
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
+from ddpm_core.evaluation import Evaluator, generated_batches
 from ddpm_core.guidance import ClassifierFreeGuidance, classifier_guidance
 from ddpm_core.plotting import plot_schedules, save_image_grid, to_uint8
 from ddpm_core.pretrained import import_pretrained
 from ddpm_core.notebooks import NotebookFailed, parse_value, run_notebooks
 from ddpm_core.profiles import default_profile, get_profile
-from ddpm_core.runs import resolve_run, train_classifier, train_run
+from ddpm_core.runs import resolve_run, runs_root, train_classifier, train_run, trained_judge
 from ddpm_core.runtime import make_generator, resolve_device, seed_everything
 from ddpm_core.sampling import sample
 from ddpm_core.schedule import NoiseSchedule
@@ -183,6 +185,55 @@ def save_images(samples: torch.Tensor, folder: Path) -> Path:
     return folder
 
 
+def run_evaluate(args: argparse.Namespace) -> dict:
+    """FID and IS of `--num-samples` images from a checkpoint against the training set's cached
+    statistics, beside the real-vs-real floor at the same number of images; written to --out."""
+    if args.num_samples < 2:
+        raise ValueError(f"--num-samples must be at least 2 (FID needs a covariance), got {args.num_samples}")
+    checkpoint = load_checkpoint(args.checkpoint)
+    device = resolve_device(args.device)
+    config = checkpoint.model_config
+    dataset = args.dataset or checkpoint.metadata.get("dataset") or {1: "mnist", 3: "cifar10"}[config.in_channels]
+    metric = args.metric if args.metric != "auto" else ("mnist" if dataset == "mnist" else "inception")
+    judge = None
+    if metric == "mnist":
+        judge = args.judge or trained_judge(args.data_root, device=device, progress=args.progress)
+    stats_dir = Path(args.stats_dir) if args.stats_dir else runs_root() / "fid_stats"
+    evaluator = Evaluator(metric, dataset, stats_dir, args.data_root, device, judge=judge,
+                          inception=args.inception_weights, progress=args.progress)
+    steps = args.steps or (checkpoint.diffusion_config.num_timesteps if args.sampler == "ddpm" else 50)
+    start = time.perf_counter()
+    batches = generated_batches(
+        checkpoint, args.num_samples, args.batch_size, use_ema=args.ema, guidance_weight=args.guidance_weight,
+        seed=args.seed, device=device, progress=args.progress, sampler=args.sampler,
+        num_steps=args.steps, variance=args.variance, eta=args.eta,
+        spacing=args.spacing, amp=args.amp)
+    scores = evaluator.score(batches, seed=args.seed)
+    seconds = time.perf_counter() - start
+    report = {
+        "metric": metric, "feature_extractor": evaluator.extractor.identity,
+        "fid": scores["fid"], "inception_score": scores["inception_score"],
+        "inception_score_std": scores["inception_score_std"], "num_samples": args.num_samples,
+        "checkpoint": str(args.checkpoint), "checkpoint_step": checkpoint.metadata.get("step"),
+        "ema": args.ema and checkpoint.ema_state is not None,
+        "sampler": args.sampler, "steps": steps, "variance": args.variance if args.sampler == "ddpm" else None,
+        "eta": args.eta if args.sampler == "ddim" else None, "spacing": args.spacing if args.sampler == "ddim" else None,
+        "guidance_weight": args.guidance_weight if config.num_classes is not None else None, "seed": args.seed,
+        "reference": {"dataset": dataset, "split": "train", "num_images": evaluator.reference_size,
+                      "file": str(evaluator.reference_file)},
+        "device": str(device), "seconds": round(seconds, 2), "samples_per_s": round(args.num_samples / seconds, 2),
+    }
+    if metric == "mnist":
+        report["note"] = "MNIST FID (the judge's 128 features), not comparable with Inception FID"
+    if args.floor:
+        start = time.perf_counter()
+        report["floor"] = {**evaluator.floor(args.num_samples, seed=args.seed),
+                           "seconds": round(time.perf_counter() - start, 2)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def run_notebooks_command(args: argparse.Namespace) -> dict:
     """The numbered notebooks in order through papermill: what `make run` runs."""
     parameters = {"profile": args.profile, "device": args.device}
@@ -286,6 +337,37 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--seed", type=int, default=0)
     draw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     draw.set_defaults(handler=run_sample)
+
+    evaluate = commands.add_parser("evaluate", help="FID and Inception Score of a checkpoint's samples")
+    evaluate.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
+    evaluate.add_argument("--num-samples", type=int, default=50_000,
+                          help="images to generate (the paper: 50,000; fewer biases FID upward)")
+    evaluate.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    evaluate.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
+    evaluate.add_argument("--variance", default="fixedlarge", choices=["fixedlarge", "fixedsmall"], help="DDPM only")
+    evaluate.add_argument("--eta", type=float, default=0.0, help="DDIM only")
+    evaluate.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
+    evaluate.add_argument("--metric", default="auto", choices=["auto", "inception", "mnist"],
+                          help="inception (the paper's; default for CIFAR-10) or mnist (the judge's features)")
+    evaluate.add_argument("--dataset", default=None, choices=["mnist", "cifar10"],
+                          help="the reference training set (default: the checkpoint's)")
+    evaluate.add_argument("--data-root", default=None, help="where the datasets are (default ./data)")
+    evaluate.add_argument("--stats-dir", default=None, help="reference statistics cache (default runs/fid_stats)")
+    evaluate.add_argument("--judge", default=None, help="the MNIST judge (default runs/mnist_judge.pt, trained if missing)")
+    evaluate.add_argument("--inception-weights", default=None,
+                          help="torch-fidelity's pt_inception-2015-12-05-6726825d.pth (default: torch's hub cache)")
+    evaluate.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                          help="also score real held-out images at the same number (the best FID reachable)")
+    evaluate.add_argument("--guidance-weight", type=float, default=None,
+                          help="class-conditional checkpoints: classifier-free guidance weight w")
+    evaluate.add_argument("--out", default="metrics.json", help="where to write the JSON report")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    evaluate.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (GPU)")
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    evaluate.set_defaults(handler=run_evaluate)
 
     notebooks = commands.add_parser("notebooks", help="run the numbered notebooks in order with papermill (make run)")
     notebooks.add_argument("--profile", default="auto", help="auto (laptop on a CPU, mnist-gpu on CUDA) or a name")

@@ -39,14 +39,14 @@ PROFILES = {
             replace(MNIST_SMALL_MODEL, channel_mults=(1, 2), attention_resolutions=(14,)),
             DiffusionConfig("linear", 100),
             TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.99, ema_warmup=True,
-                        log_every=5, checkpoint_every=10, sample_every=10, sample_images=4),
+                        log_every=5, checkpoint_every=10, sample_every=10, sample_images=4, snapshot_every=5),
             "seconds on a CPU: exercises every stage, learns nothing (tests and CI)",
             ClassifierConfig(steps=10, batch_size=8),
         ),
         Profile(
             "laptop", "mnist", LAPTOP_MODEL, DiffusionConfig("linear", 1000),
             TrainConfig(steps=1800, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=100, ema_decay=0.999,
-                        ema_warmup=True, log_every=25, checkpoint_every=450, sample_every=900),
+                        ema_warmup=True, log_every=25, checkpoint_every=450, sample_every=900, snapshot_every=450),
             "MNIST on a 2-core CPU in under 30 minutes (README: how it was tuned)",
             # 3,000 steps (21.5 min here): 98.7% at t = 0, 82% at t = 400; guidance at s = 10 then
             # gives 97.4% of the requested digits; 800 steps gave 95% / 71% and 81.4% (README).
@@ -56,13 +56,14 @@ PROFILES = {
             "mnist-gpu", "mnist", replace(MNIST_SMALL_MODEL, base_channels=64, num_res_blocks=2, dropout=0.1),
             DiffusionConfig("linear", 1000),
             TrainConfig(steps=20_000, batch_size=128, lr=4e-4, warmup_steps=500, ema_decay=0.9995, ema_warmup=True,
-                        log_every=100, checkpoint_every=2000, sample_every=2000, num_workers=4),
+                        log_every=100, checkpoint_every=2000, sample_every=2000, snapshot_every=2000,
+                        num_workers=4),
             "MNIST to full quality on one GPU",
             ClassifierConfig(steps=5000, batch_size=256, lr=1e-3),  # not yet measured on a GPU
         ),
         Profile(
             "cifar10-paper", "cifar10", CIFAR10_PAPER_MODEL, DiffusionConfig("linear", 1000),
-            TrainConfig(num_workers=8, sample_every=10_000, sample_images=64),
+            TrainConfig(num_workers=8, sample_every=10_000, sample_images=64, snapshot_every=50_000),
             "the paper's CIFAR-10 run: 35.7M UNet, batch 128, lr 2e-4, warmup 5000, EMA 0.9999, 800k steps",
             ClassifierConfig(steps=150_000, batch_size=256, lr=3e-4),  # not yet measured
         ),

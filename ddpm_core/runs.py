@@ -34,7 +34,8 @@ from ddpm_core.training import TrainConfig, Trainer, TrainResult
 log = logging.getLogger(__name__)
 
 # Fields that change how a run is watched or how fast it goes, never its weights (on the CPU).
-_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "num_workers", "compile")
+_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
+               "compile")
 # Fields added after runs were cached: left out of the key at their default, so that those
 # runs keep their folder.
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0}

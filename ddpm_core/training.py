@@ -54,6 +54,7 @@ class TrainConfig:
     checkpoint_every: int = 5000  # also when the held-out loss is measured and best.pt kept
     sample_every: int = 0  # write out/samples/step_N.png every this many steps (0: never)
     sample_images: int = 16
+    snapshot_every: int = 0  # keep the EMA weights as out/snapshots/step_N.pt (FID over training)
     amp: bool = True  # bfloat16 autocast, used on CUDA only
     compile: bool = False  # torch.compile the model (pays on long GPU runs)
     channels_last: bool = False  # CUDA only; slower on CPUs
@@ -64,8 +65,9 @@ class TrainConfig:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.sample_every < 0:
-            raise ValueError(f"sample_every must be >= 0, got {self.sample_every}")
+        if self.sample_every < 0 or self.snapshot_every < 0:
+            raise ValueError(f"sample_every and snapshot_every must be >= 0, got {self.sample_every}, "
+                             f"{self.snapshot_every}")
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -208,6 +210,13 @@ class Trainer:
                                 train_state=train_state)
         return save_checkpoint(checkpoint, self.checkpoint_path)
 
+    def snapshot(self) -> Path:
+        """The EMA weights now, as a weights-only checkpoint in out/snapshots/ (small: no optimizer)."""
+        ema_state = self.ema.model.state_dict()
+        checkpoint = Checkpoint(self.model_config, self.diffusion_config, ema_state, ema_state,
+                                metadata={**self.extra, "step": self.step})
+        return save_checkpoint(checkpoint, self.out / "snapshots" / f"step_{self.step:07d}.pt")
+
     def load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path, map_location=self.device)
         if (checkpoint.model_config, checkpoint.diffusion_config) != (self.model_config, self.diffusion_config):
@@ -298,6 +307,8 @@ class Trainer:
                     window_start, window_losses = now, []
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.checkpoint(log_file)
+                if self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
+                    self.snapshot()
                 if self.config.sample_every and self.step % self.config.sample_every == 0:
                     shape = (self.config.sample_images, self.model_config.in_channels, *[self.model_config.image_size] * 2)
                     write_sample_grid(self.ema.model, self.schedule, shape,

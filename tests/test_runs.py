@@ -33,7 +33,7 @@ def test_the_key_follows_what_changes_the_weights():
     assert spec.key == resolve_run("smoke").key
     assert spec.key != resolve_run("smoke", lr=2e-3).key
     assert spec.key != resolve_run("smoke", schedule="cosine").key
-    assert spec.key == resolve_run("smoke", log_every=1, checkpoint_every=3).key  # watching only
+    assert spec.key == resolve_run("smoke", log_every=1, checkpoint_every=3, snapshot_every=2).key  # watching only
     assert run_dir(spec, "some/root").parent.as_posix() == "some/root"
 
 

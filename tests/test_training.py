@@ -112,6 +112,20 @@ def test_monitoring_keeps_the_best_model_and_changes_nothing(mnist_root, tmp_pat
     assert not (tmp_path / "plain" / "best.pt").exists()
 
 
+def test_snapshots_keep_the_ema_weights_along_the_way(mnist_root, tmp_path):
+    run = trainer(mnist_root, tmp_path, steps=20, snapshot_every=10)
+    run.run()
+    snapshots = sorted((tmp_path / "snapshots").iterdir())
+    assert [p.name for p in snapshots] == ["step_0000010.pt", "step_0000020.pt"]
+    first, last = load_checkpoint(snapshots[0]), load_checkpoint(snapshots[1])
+    assert (first.metadata["step"], last.metadata["step"], last.train_state) == (10, 20, None)
+    final_ema = load_checkpoint(tmp_path / "last.pt").ema_state
+    for name, value in final_ema.items():
+        assert torch.equal(last.ema_state[name], value), name
+    assert any(not torch.equal(first.ema_state[name], value) for name, value in final_ema.items())
+    assert sum(p.stat().st_size for p in snapshots) < (tmp_path / "last.pt").stat().st_size  # no optimizer state
+
+
 def test_resume_gives_the_same_weights_as_a_straight_run(mnist_root, tmp_path):
     straight = trainer(mnist_root, tmp_path / "a", steps=12)
     straight.run()
