@@ -61,6 +61,7 @@ def inception_weights(path: str | Path | None = None, download: bool = True) -> 
         if path is not None or not download:
             raise InceptionWeightsUnavailable(f"no Inception weights at {target}. {how}")
         try:
+            target.parent.mkdir(parents=True, exist_ok=True)
             torch.hub.download_url_to_file(URL_INCEPTION_V3, str(target), progress=False)
         except Exception as error:  # URLError, HTTPError, OSError, ... offline
             raise InceptionWeightsUnavailable(

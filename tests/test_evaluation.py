@@ -191,7 +191,7 @@ def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_f
     assert set(report) == {
         "metric", "feature_extractor", "fid", "inception_score", "inception_score_std", "num_samples", "checkpoint",
         "checkpoint_step", "ema", "sampler", "steps", "variance", "eta", "spacing", "guidance_weight", "seed",
-        "reference", "device", "seconds", "samples_per_s", "note", "floor",
+        "batch_size", "reference", "device", "seconds", "samples_per_s", "note", "floor",
     }
     assert (report["metric"], report["sampler"], report["steps"], report["num_samples"]) == ("mnist", "ddim", 3, 6)
     assert report["ema"] is True and report["checkpoint_step"] == 2 and report["variance"] is None
