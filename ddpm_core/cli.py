@@ -253,6 +253,22 @@ def run_import_pretrained(args: argparse.Namespace) -> dict:
     }
 
 
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `sample` and `evaluate` share: the checkpoint, the sampler and how it runs."""
+    parser.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
+    parser.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
+    parser.add_argument("--variance", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
+                        help="DDPM only: sigma^2 = beta_t (the paper's CIFAR-10 choice) or beta_tilde_t")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
+    parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (GPU)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Denoising Diffusion Probabilistic Models, step by step.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -313,13 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.set_defaults(handler=run_train_classifier)
 
     draw = commands.add_parser("sample", help="draw images from a checkpoint (its configs travel inside it)")
-    draw.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
-    draw.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    draw.add_argument("--variance", default="fixedlarge", choices=["fixedlarge", "fixedsmall"],
-                      help="DDPM only: sigma^2 = beta_t (the paper's CIFAR-10 choice) or beta_tilde_t")
-    draw.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
-    draw.add_argument("--eta", type=float, default=0.0, help="DDIM only: 0 deterministic, 1 DDPM-like")
-    draw.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
+    add_sampling_arguments(draw)
     draw.add_argument("--class", dest="class_labels", type=int, nargs="+", default=None, metavar="N",
                       help="guide towards these classes, cycled over the images")
     draw.add_argument("--classifier", default=None, help="noise-aware classifier for an unconditional checkpoint")
@@ -332,22 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
     draw.add_argument("--grid-size", type=int, default=64)
     draw.add_argument("--save-tensor", default=None, help="also save every image as a uint8 (N, C, H, W) tensor")
     draw.add_argument("--save-images", default=None, help="also write every image as a PNG into this folder")
-    draw.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    draw.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (GPU)")
-    draw.add_argument("--device", default="auto")
-    draw.add_argument("--seed", type=int, default=0)
-    draw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     draw.set_defaults(handler=run_sample)
 
     evaluate = commands.add_parser("evaluate", help="FID and Inception Score of a checkpoint's samples")
-    evaluate.add_argument("--checkpoint", required=True, help="a ddpm_core checkpoint (.pt)")
+    add_sampling_arguments(evaluate)
     evaluate.add_argument("--num-samples", type=int, default=50_000,
                           help="images to generate (the paper: 50,000; fewer biases FID upward)")
-    evaluate.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"])
-    evaluate.add_argument("--steps", type=int, default=None, help="DDIM steps S (default 50); DDPM always takes T")
-    evaluate.add_argument("--variance", default="fixedlarge", choices=["fixedlarge", "fixedsmall"], help="DDPM only")
-    evaluate.add_argument("--eta", type=float, default=0.0, help="DDIM only")
-    evaluate.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="DDIM only")
     evaluate.add_argument("--metric", default="auto", choices=["auto", "inception", "mnist"],
                           help="inception (the paper's; default for CIFAR-10) or mnist (the judge's features)")
     evaluate.add_argument("--dataset", default=None, choices=["mnist", "cifar10"],
@@ -363,11 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="class-conditional checkpoints: classifier-free guidance weight w")
     evaluate.add_argument("--out", default="metrics.json", help="where to write the JSON report")
     evaluate.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 64 on a CPU (faster there)")
-    evaluate.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
-    evaluate.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False, help="bfloat16 autocast (GPU)")
-    evaluate.add_argument("--device", default="auto")
-    evaluate.add_argument("--seed", type=int, default=0)
-    evaluate.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     evaluate.set_defaults(handler=run_evaluate)
 
     notebooks = commands.add_parser("notebooks", help="run the numbered notebooks in order with papermill (make run)")
