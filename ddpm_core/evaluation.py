@@ -88,6 +88,7 @@ class InceptionFeatures(nn.Module):
         super().__init__()
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(weights))
+        self.num_features = 2048
         self.identity = f"inception-{INCEPTION_FILE.split('-')[-1].split('.')[0]}"
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,6 +104,7 @@ class DigitFeatures(nn.Module):
     def __init__(self, judge: DigitClassifier):
         super().__init__()
         self.judge = judge.eval()
+        self.num_features = judge.head[-1].in_features  # 128
         digest = hashlib.sha256(b"".join(v.cpu().numpy().tobytes() for v in judge.state_dict().values()))
         self.identity = f"mnist-judge-{digest.hexdigest()[:8]}"  # new judge weights, new reference
 
@@ -193,7 +195,7 @@ class Evaluator:
         extractor = (DigitFeatures(load_digit_classifier(judge)) if metric == "mnist"
                      else InceptionFeatures(inception_weights(inception)))
         self.extractor = extractor.to(self.device).eval()
-        self.num_features = 128 if metric == "mnist" else 2048
+        self.num_features = self.extractor.num_features
         self.reference_file = Path(cache_dir) / f"{self.extractor.identity}-{dataset}-train.pt"
         self.reference = self._reference()
 

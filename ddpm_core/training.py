@@ -185,10 +185,7 @@ class Trainer:
             is_best = value < self.best_heldout_loss
             if is_best:
                 self.best_heldout_loss = value
-                ema_state = self.ema.model.state_dict()
-                metadata = {**self.extra, "step": self.step, "heldout_loss": value}
-                save_checkpoint(Checkpoint(self.model_config, self.diffusion_config, ema_state, ema_state, metadata),
-                                self.out / "best.pt")
+                self.save_ema(self.out / "best.pt", heldout_loss=value)
             log_file.write(json.dumps({"step": self.step, "heldout_loss": value, "best": is_best}) + "\n")
             log_file.flush()
         self.save()
@@ -210,12 +207,11 @@ class Trainer:
                                 train_state=train_state)
         return save_checkpoint(checkpoint, self.checkpoint_path)
 
-    def snapshot(self) -> Path:
-        """The EMA weights now, as a weights-only checkpoint in out/snapshots/ (small: no optimizer)."""
+    def save_ema(self, path: Path, **metadata) -> Path:
+        """The EMA weights now, as a weights-only checkpoint (small: no optimizer): best.pt, snapshots."""
         ema_state = self.ema.model.state_dict()
-        checkpoint = Checkpoint(self.model_config, self.diffusion_config, ema_state, ema_state,
-                                metadata={**self.extra, "step": self.step})
-        return save_checkpoint(checkpoint, self.out / "snapshots" / f"step_{self.step:07d}.pt")
+        return save_checkpoint(Checkpoint(self.model_config, self.diffusion_config, ema_state, ema_state,
+                                          metadata={**self.extra, "step": self.step, **metadata}), path)
 
     def load(self, path: Path) -> None:
         checkpoint = load_checkpoint(path, map_location=self.device)
@@ -308,7 +304,7 @@ class Trainer:
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.checkpoint(log_file)
                 if self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
-                    self.snapshot()
+                    self.save_ema(self.out / "snapshots" / f"step_{self.step:07d}.pt")
                 if self.config.sample_every and self.step % self.config.sample_every == 0:
                     shape = (self.config.sample_images, self.model_config.in_channels, *[self.model_config.image_size] * 2)
                     write_sample_grid(self.ema.model, self.schedule, shape,
