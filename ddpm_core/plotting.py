@@ -2,7 +2,8 @@
 
 This module owns turning tensors into figures and files; it computes nothing about diffusion.
 Figures are built with `matplotlib.figure.Figure` (no pyplot state), so the library works
-headless and a notebook shows a returned figure like any other.
+headless. Nothing here imports pyplot, so nothing registers IPython's PNG display of a figure:
+a notebook runs `%matplotlib inline` first, or a returned figure shows as "<Figure size ...>".
 """
 
 from __future__ import annotations
