@@ -10,7 +10,7 @@ PARAMS ?=
 # Where `make test` runs the notebooks on the smoke profile (fake MNIST, never ./runs or figures/)
 SMOKE := $(abspath build/smoke)
 
-.PHONY: run test test-unit test-notebooks test-slow bench lab clean
+.PHONY: run test test-unit test-notebooks test-browser chromium test-slow bench lab clean
 
 # The project, installed (editable) into .venv on first use or when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -32,7 +32,7 @@ $(VENV)/.installed-lab: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(PY) -m ddpm_core notebooks --profile $(PROFILE) --device $(DEVICE) $(PARAMS)
 
-test: test-unit test-notebooks
+test: test-unit test-notebooks test-browser
 
 test-unit: $(VENV)/.installed-test
 	$(PY) -m pytest
@@ -47,6 +47,20 @@ test-notebooks: $(VENV)/.installed-test
 		-p num_samples 8 -p compare_samples 2 -p free_guidance True -p sampler_steps 10 -p fid_samples 4
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(SMOKE)/notebooks
 
+# JupyterLab in a real browser: Playwright drives Debian's headless Chromium (no browser
+# download), runs notebooks 01, 03 and 04 on smoke and moves their sliders. Chromium comes
+# from apt-get when it is missing; without it the tests are skipped and say why.
+CHROMIUM ?= /usr/bin/chromium
+test-browser: $(VENV)/.installed-test
+	@test -x $(CHROMIUM) || $(MAKE) --no-print-directory chromium
+	DDPM_CHROMIUM=$(CHROMIUM) $(PY) -m pytest -m browser -p no:cacheprovider tests/test_lab.py
+
+chromium:
+	@if ! command -v apt-get >/dev/null; then echo "no apt-get here: install Chromium yourself and pass CHROMIUM=/path/to/chromium"; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "apt-get could not install chromium: the browser tests will skip"; \
+	elif sudo -n true 2>/dev/null; then sudo -n apt-get update -qq && sudo -n DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null || echo "apt-get could not install chromium: the browser tests will skip"; \
+	else echo "Chromium is missing and apt-get needs root: sudo apt-get install chromium (the browser tests skip without it)"; fi
+
 test-slow: $(VENV)/.installed-test
 	$(PY) -m pytest -m slow
 
@@ -54,9 +68,10 @@ bench: $(VENV)/.installed-test
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_unet.py
 
-# JupyterLab with working sliders; open notebooks/01_forward_noising.ipynb.
+# JupyterLab with working sliders, on this machine only (127.0.0.1) and behind a token (the
+# URL to open, token included, is printed); start with notebooks/01_forward_noising.ipynb.
 lab: $(VENV)/.installed-lab
-	$(VENV)/bin/jupyter lab notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results build
