@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm_core import distributed
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.classifier import load_noisy_classifier
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, replace
@@ -68,21 +69,28 @@ def run_demo(args: argparse.Namespace) -> dict:
     return report
 
 
-def run_train(args: argparse.Namespace) -> dict:
-    """Train a profile, with the command line's overrides, into --out."""
-    device = resolve_device(args.device)
-    spec = resolve_run(
-        args.profile or default_profile(device), dataset=args.dataset, schedule=args.schedule,
-        attention=args.attention, base_channels=args.base_channels, steps=args.steps, batch_size=args.batch_size,
-        lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, amp=args.amp, compile=args.compile,
-        channels_last=args.channels_last, num_classes=10 if args.class_conditional else None,
-        label_dropout=args.label_dropout if args.class_conditional else None,
-    )
-    result = train_run(spec, args.out, args.data_root, device, resume=args.resume, progress=args.progress,
-                       holdout_images=args.holdout_images)
+def run_train(args: argparse.Namespace) -> dict | None:
+    """Train a profile, with the command line's overrides, into --out; under torchrun, on every
+    rank (DistributedDataParallel), with only rank 0 writing and reporting."""
+    place, device = distributed.setup(args.device)
+    try:
+        spec = resolve_run(
+            args.profile or default_profile(device), dataset=args.dataset, schedule=args.schedule,
+            attention=args.attention, base_channels=args.base_channels, steps=args.steps, batch_size=args.batch_size,
+            lr=args.lr, lr_decay=args.lr_decay, seed=args.seed, amp=args.amp, compile=args.compile,
+            channels_last=args.channels_last, fused_adam=args.fused_adam, pin_memory=args.pin_memory,
+            num_workers=args.num_workers, num_classes=10 if args.class_conditional else None,
+            label_dropout=args.label_dropout if args.class_conditional else None,
+        )
+        result = train_run(spec, args.out, args.data_root, device, resume=args.resume, progress=args.progress,
+                           holdout_images=args.holdout_images, place=place)
+    finally:
+        distributed.teardown()
+    if not place.is_main:
+        return None
     return {"out": args.out, "step": result.step, "final_loss": round(result.final_loss, 5),
             "images_per_s": round(result.images_per_s, 1), "seconds": round(result.seconds, 1),
-            "checkpoint": str(result.checkpoint), "device": str(device)}
+            "checkpoint": str(result.checkpoint), "device": str(device), "processes": place.world_size}
 
 
 def run_train_classifier(args: argparse.Namespace) -> dict:
@@ -286,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     demo.set_defaults(handler=run_demo)
 
-    train = commands.add_parser("train", help="train a profile (smoke, laptop, mnist-gpu, cifar10-paper)")
+    train = commands.add_parser("train", help="train a profile (smoke, laptop, mnist-gpu, cifar10-paper); "
+                                "several GPUs: torchrun --nproc_per_node N -m ddpm_core train ...")
     train.add_argument("--profile", default=None,
                        help="smoke, laptop, mnist-gpu or cifar10-paper (default: mnist-gpu on CUDA, else laptop)")
     train.add_argument("--out", required=True, help="run folder: last.pt, log.jsonl")
@@ -305,6 +314,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (CUDA)")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")
     train.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None, help="(CUDA)")
+    train.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None,
+                       help="AdamW's fused kernel (CUDA; on by default)")
+    train.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None,
+                       help="page-locked batches, copied to the GPU without blocking (CUDA; on by default)")
+    train.add_argument("--num-workers", type=int, default=None, help="data-loader processes (default: the profile's)")
     train.add_argument("--class-conditional", action="store_true",
                        help="train eps(x_t, t, y) with label dropout, for classifier-free guidance")
     train.add_argument("--label-dropout", type=float, default=0.1, help="with --class-conditional (default 0.1)")
@@ -395,5 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, ConnectionError, FloatingPointError,
             NotebookFailed) as error:  # bad input: one clear line, no traceback
         parser.exit(2, f"ddpm {args.command}: error: {error}\n")
-    print(json.dumps(report, indent=2))
+    if report is not None:  # None: a torchrun rank other than 0, which reports nothing
+        print(json.dumps(report, indent=2))
     return 0

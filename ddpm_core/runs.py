@@ -25,6 +25,7 @@ from ddpm_core.classifier import (
 )
 from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, replace, to_dict
 from ddpm_core.data import SHAPES, DatasetName, make_dataset
+from ddpm_core.distributed import Distributed
 from ddpm_core.judge import classifier_accuracy, save_digit_classifier, train_digit_classifier
 from ddpm_core.profiles import PROFILES, default_profile, get_profile
 from ddpm_core.runtime import resolve_device
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 # Fields that change how a run is watched or how fast it goes, never its weights (on the CPU).
 _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
-               "compile")
+               "compile", "fused_adam", "pin_memory")
 # Fields added after runs were cached: left out of the key at their default, so that those
 # runs keep their folder.
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0}
@@ -108,18 +109,20 @@ def run_dir(spec: RunSpec, root: str | Path | None = None) -> Path:
 
 def train_run(spec: RunSpec, out: str | Path, data_root: str | Path | None = None,
               device: str | torch.device = "cpu", resume: bool = False, progress: bool = False,
-              holdout_images: int = 128) -> TrainResult:
-    """Train `spec` into `out` (resuming from out/last.pt with `resume`)."""
+              holdout_images: int = 128, place: Distributed = Distributed()) -> TrainResult:
+    """Train `spec` into `out` (resuming from out/last.pt with `resume`); under torchrun,
+    `place` is this rank's (`ddpm_core.distributed.setup`)."""
     model = spec.model
-    # the model's shape is passed so that a dataset that does not fit it is refused up front
-    dataset = make_dataset(spec.dataset, data_root, image_size=model.image_size, channels=model.in_channels)
     holdout = None
-    if spec.dataset != "folder":  # best.pt is judged on the test split, which a folder lacks
-        test_split = make_dataset(spec.dataset, data_root, train=False, flip=False)
-        holdout = torch.stack([test_split[i][0] for i in range(min(holdout_images, len(test_split)))])
+    with place.main_first():  # rank 0 downloads the dataset, if it must, before the others read it
+        # the model's shape is passed so that a dataset that does not fit it is refused up front
+        dataset = make_dataset(spec.dataset, data_root, image_size=model.image_size, channels=model.in_channels)
+        if spec.dataset != "folder":  # best.pt is judged on the test split, which a folder lacks
+            test_split = make_dataset(spec.dataset, data_root, train=False, flip=False)
+            holdout = torch.stack([test_split[i][0] for i in range(min(holdout_images, len(test_split)))])
     trainer = Trainer(model, spec.diffusion, spec.train, dataset, out, device,
                       extra={"profile": spec.profile, "dataset": spec.dataset, "run_key": spec.key},
-                      holdout=holdout)
+                      holdout=holdout, place=place)
     return trainer.run(resume=resume, progress=progress)
 
 

@@ -1,15 +1,24 @@
 """Training: Ho et al. 2020, Alg. 1 with what their code adds (warmup, gradient clipping, EMA),
-checkpoints that survive a crash, and resumption that continues exactly where a run stopped.
+checkpoints that survive a crash, and resumption that continues exactly where a run stopped,
+in one process or in several under torchrun (DistributedDataParallel).
 
 This module owns the optimisation loop and its state; the loss is `ddpm_core.diffusion`'s
-L_simple, the file format `ddpm_core.checkpoint`'s. Determinism: the batch order of each epoch
-is a permutation seeded by (seed, epoch), and the torch RNG state (timesteps, noise, flips)
-travels in every checkpoint, so on the CPU a resumed run computes the same weights as one
-that never stopped.
+L_simple, the file format `ddpm_core.checkpoint`'s, the process group `ddpm_core.distributed`'s.
+Determinism: the batch order of each epoch is a permutation seeded by (seed, epoch), and the
+torch RNG state (timesteps, noise, flips) travels in every checkpoint, so on the CPU a resumed
+run computes the same weights as one that never stopped.
+
+Several processes: `batch_size` is the global batch; torch's DistributedSampler gives rank r
+the items r, r + W, ... of each epoch's permutation, so the W shares of a step together are
+the single-process batch. The diffusion's draws for that batch (t, eps, label dropout) come
+from one generator that every rank holds in the same state, each rank taking its rows, so W
+processes compute the update one process computes on the global batch (the gloo test checks
+it). What a rank draws alone (dropout masks, flips) comes from its own seed, seed + 1 + rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -22,13 +31,15 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, to_dict
 from ddpm_core.denoisers import build_model
-from ddpm_core.diffusion import loss_simple
+from ddpm_core.diffusion import loss_simple, sample_timesteps
+from ddpm_core.distributed import Distributed
 from ddpm_core.monitor import heldout_loss, plot_loss_curve, write_sample_grid
 from ddpm_core.schedule import NoiseSchedule
 
@@ -58,6 +69,8 @@ class TrainConfig:
     amp: bool = True  # bfloat16 autocast, used on CUDA only
     compile: bool = False  # torch.compile the model (pays on long GPU runs)
     channels_last: bool = False  # CUDA only; slower on CPUs
+    fused_adam: bool = True  # AdamW's fused CUDA kernel (CUDA only)
+    pin_memory: bool = True  # page-locked batches copied without blocking (CUDA only)
     num_workers: int = 0
     label_dropout: float = 0.0  # class-conditional models: share of labels replaced by "no class"
 
@@ -71,6 +84,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
@@ -115,17 +130,30 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
-def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int) -> Iterator[list[int]]:
-    """Index batches forever: epoch e is the permutation seeded by seed + e, cut into full
-    batches. Starting at `start_step` skips exactly the batches already trained on."""
-    per_epoch = num_items // batch_size
+def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[list[int]]:
+    """Index batches forever, rank `rank`'s share (batch_size / world_size) of each global batch.
+
+    Epoch e is the permutation seeded by seed + e, dealt out by torch's DistributedSampler
+    (rank r gets its items r, r + W, r + 2W, ...) and cut into full batches, so the W shares of
+    step k together are the single-process batch k. Starting at `start_step` skips exactly the
+    batches already trained on.
+    """
+    if batch_size % world_size:
+        raise ValueError(f"the global batch of {batch_size} does not split evenly over {world_size} processes; "
+                         f"choose a --batch-size that is a multiple of --nproc_per_node")
+    local_batch = batch_size // world_size
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // local_batch
     if per_epoch == 0:
         raise ValueError(f"the dataset has {num_items} images, fewer than one batch of {batch_size}")
     epoch, position = divmod(start_step, per_epoch)
     while True:
-        order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        sampler.set_epoch(epoch)  # the permutation seeded by seed + epoch
+        order = list(sampler)
         for i in range(position, per_epoch):
-            yield order[i * batch_size : (i + 1) * batch_size]
+            yield order[i * local_batch : (i + 1) * local_batch]
         epoch, position = epoch + 1, 0
 
 
@@ -150,36 +178,62 @@ class Trainer:
     step, loss (mean since the last line), lr, images/s, elapsed seconds; and one per
     checkpoint with the held-out loss. With `holdout` images (B, C, H, W), out/best.pt keeps
     the weights of lowest held-out loss (see `monitor.heldout_loss`). out/loss.png is the
-    loss curve; out/samples/ holds sample grids when `sample_every` is set.
+    loss curve; out/samples/ holds sample grids when `sample_every` is set. Under torchrun
+    (`place` from `ddpm_core.distributed.setup`) every rank trains and only rank 0 writes.
     """
 
     def __init__(self, model_config: ModelConfig, diffusion_config: DiffusionConfig, train_config: TrainConfig,
                  dataset: Dataset, out: str | Path, device: torch.device | str = "cpu", extra: dict | None = None,
-                 holdout: torch.Tensor | None = None):
+                 holdout: torch.Tensor | None = None, place: Distributed = Distributed()):
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
-        self.dataset, self.out, self.device = dataset, Path(out), torch.device(device)
+        self.dataset, self.out, self.device, self.place = dataset, Path(out), torch.device(device), place
+        if train_config.batch_size % place.world_size:
+            raise ValueError(f"the global batch of {train_config.batch_size} does not split evenly over "
+                             f"{place.world_size} processes; choose a --batch-size that is a multiple of it")
         self.extra = extra or {}  # plain data stored with the run (dataset name, profile, ...)
-        torch.manual_seed(train_config.seed)
+        cuda = self.device.type == "cuda"
+        torch.manual_seed(train_config.seed)  # the same initial weights on every rank
         self.model = build_model(model_config).to(self.device)
-        if train_config.channels_last and self.device.type == "cuda":
+        if train_config.channels_last and cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.ema = EMA(self.model, train_config.ema_decay, train_config.ema_warmup)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr, weight_decay=0.0,
+                                           fused=True if train_config.fused_adam and cuda else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(train_config, k))
         self.schedule = NoiseSchedule.from_config(diffusion_config).to(self.device)
         self.holdout = holdout.to(self.device) if holdout is not None else None
         self.best_heldout_loss = math.inf
         self.step = 0
         self._saved_step: int | None = None  # the step of the last checkpoint written or read
-        self.forward = torch.compile(self.model) if train_config.compile else self.model
+        # The draws for the global batch: one process uses the global RNG, as it always has;
+        # W processes share a generator that starts where that global RNG stands now, and
+        # reseed their own global RNG for what each draws alone.
+        self.shared_rng: torch.Generator | None = None
+        forward: nn.Module = self.model
+        if place.enabled:
+            self.shared_rng = torch.Generator(device=self.device)
+            self.shared_rng.set_state(torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state())
+            torch.manual_seed(train_config.seed + 1 + place.rank)
+            forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
+        self.forward = torch.compile(forward) if train_config.compile else forward
 
     # -- checkpoints ------------------------------------------------------------------------
     @property
     def checkpoint_path(self) -> Path:
         return self.out / "last.pt"
 
+    def rng_state(self) -> dict:
+        """This rank's own RNG state (the global CPU one, and its GPU's)."""
+        cuda = self.device.type == "cuda"
+        return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}
+
     def checkpoint(self, log_file) -> None:
-        """Measure the held-out loss (keeping best.pt), save last.pt, redraw the loss curve."""
+        """Measure the held-out loss (keeping best.pt), save last.pt, redraw the loss curve.
+        Every rank calls it (their RNG states are gathered into last.pt); rank 0 writes."""
+        rank_rng = self.place.gather(self.rng_state()) if self.place.enabled else None
+        self._saved_step = self.step
+        if not self.place.is_main:
+            return
         if self.holdout is not None:
             value = heldout_loss(self.ema.model, self.schedule, self.holdout, seed=self.config.seed)
             is_best = value < self.best_heldout_loss
@@ -188,20 +242,23 @@ class Trainer:
                 self.save_ema(self.out / "best.pt", heldout_loss=value)
             log_file.write(json.dumps({"step": self.step, "heldout_loss": value, "best": is_best}) + "\n")
             log_file.flush()
-        self.save()
-        self._saved_step = self.step
+        self.save(rank_rng)
         plot_loss_curve(read_log(self.out / "log.jsonl")).savefig(self.out / "loss.png", dpi=100)
 
-    def save(self) -> Path:
+    def save(self, rank_rng: list[dict] | None = None) -> Path:
         train_state = {
             "step": self.step,
             "best_heldout_loss": self.best_heldout_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else [],
             "train_config": to_dict(self.config),
+            "world_size": self.place.world_size,
         }
+        if self.place.enabled:  # each rank's own state, and the one they share
+            train_state["rank_rng"] = rank_rng
+            train_state["shared_rng"] = self.shared_rng.get_state()
         checkpoint = Checkpoint(self.model_config, self.diffusion_config, self.model.state_dict(),
                                 self.ema.model.state_dict(), metadata={**self.extra, "step": self.step},
                                 train_state=train_state)
@@ -223,41 +280,73 @@ class Trainer:
             )
         if checkpoint.train_state is None:
             raise ValueError(f"{path} holds weights only (no optimizer state); it cannot be resumed")
+        state = checkpoint.train_state
+        world_size = state.get("world_size", 1)
+        if world_size != self.place.world_size:
+            raise ValueError(f"{path} was trained by {world_size} process(es) and this run has "
+                             f"{self.place.world_size}: resume with the same number (torchrun --nproc_per_node "
+                             f"{world_size}; 1 is a plain `python -m ddpm_core train`)")
         self.model.load_state_dict(checkpoint.model_state)
         self.ema.model.load_state_dict(checkpoint.ema_state)
-        state = checkpoint.train_state
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.best_heldout_loss = state["best_heldout_loss"]
-        torch.set_rng_state(state["torch_rng"].cpu())
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        own = state["rank_rng"][self.place.rank] if self.place.enabled else \
+            {"cpu": state["torch_rng"], "cuda": state["cuda_rng"][0] if state["cuda_rng"] else None}
+        torch.set_rng_state(own["cpu"].cpu())
+        if own["cuda"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"].cpu(), self.device)
+        if self.place.enabled:
+            self.shared_rng.set_state(state["shared_rng"].cpu())
 
     # -- the loop ---------------------------------------------------------------------------
+    def draw(self, x0: torch.Tensor, y: torch.Tensor | None) -> tuple:
+        """This rank's rows of the global batch's draws: (label dropout mask or None, t, eps).
+        In one process they are exactly what `loss_simple` and the label dropout drew before."""
+        batch, rows = self.config.batch_size, slice(self.place.rank, None, self.place.world_size)
+        drop = None
+        if y is not None and self.config.label_dropout > 0:
+            drop = (torch.rand((batch,), device=y.device, generator=self.shared_rng) < self.config.label_dropout)[rows]
+        t = sample_timesteps(batch, self.schedule.num_timesteps, x0.device, self.shared_rng)[rows]
+        eps = torch.randn((batch, *x0.shape[1:]), generator=self.shared_rng, device=x0.device, dtype=x0.dtype)[rows]
+        return drop, t, eps
+
     def train_step(self, x0: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         """One step of Alg. 1 plus warmup, clipping and the EMA update. Returns the loss."""
         autocast = self.config.amp and self.device.type == "cuda"
-        if y is not None and self.config.label_dropout > 0:
+        drop, t, eps = self.draw(x0, y)
+        if drop is not None:
             # Ho & Salimans 2022, Alg. 1: train the unconditional model jointly, as the "null"
             # label (index num_classes), so that classifier-free guidance can mix the two.
-            drop = torch.rand(y.shape, device=y.device) < self.config.label_dropout
             y = torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_simple(self.forward, self.schedule, x0, y)
+            loss = loss_simple(self.forward, self.schedule, x0, y, t=t, noise=eps)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
                 f"({self.checkpoint_path}, step {self._saved_step}) is kept. Try a lower --lr or turning off amp."
             )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # under DDP the gradients arrive averaged over the ranks
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.model, self.step)
         self.step += 1
         return loss.detach()
+
+    def loader(self) -> DataLoader:
+        """This rank's batches from the current step on. The loader gets its own generator (the
+        worker seeds; offset by the rank), so creating it draws nothing from the global RNG,
+        whose state the checkpoints carry; with num_workers = 0 a resumed run is exact."""
+        generator = torch.Generator()
+        generator.manual_seed(generator.initial_seed() + self.place.rank)
+        pin = self.config.pin_memory and self.device.type == "cuda"
+        return DataLoader(self.dataset, batch_sampler=epoch_batches(
+                              len(self.dataset), self.config.batch_size, self.config.seed, self.step,
+                              self.place.rank, self.place.world_size),
+                          num_workers=self.config.num_workers, pin_memory=pin, generator=generator)
 
     def run(self, resume: bool = False, progress: bool = False) -> TrainResult:
         """Train until `config.steps`; with `resume`, continue from out/last.pt first."""
@@ -269,52 +358,56 @@ class Trainer:
             raise FileExistsError(
                 f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
             )
-        self.out.mkdir(parents=True, exist_ok=True)
+        main = self.place.is_main
+        if main:
+            self.out.mkdir(parents=True, exist_ok=True)
         self._saved_step = self.step if resume else None
         first_step = self.step
         conditional = self.model_config.num_classes is not None
-        # The loader gets its own generator so that creating it draws nothing from the global
-        # RNG, whose state the checkpoints carry; with num_workers = 0 a resumed run is exact.
-        loader = DataLoader(self.dataset, batch_sampler=epoch_batches(len(self.dataset), self.config.batch_size,
-                            self.config.seed, self.step), num_workers=self.config.num_workers,
-                            pin_memory=self.device.type == "cuda", generator=torch.Generator())
-        batches = iter(loader)
+        non_blocking = self.config.pin_memory
+        batches = iter(self.loader())
         self.model.train()
         start, window_start, window_losses, loss = time.perf_counter(), time.perf_counter(), [], torch.tensor(math.nan)
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not progress)
-        with (self.out / "log.jsonl").open("a") as log_file:
+        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not (progress and main))
+        with (self.out / "log.jsonl").open("a") if main else contextlib.nullcontext() as log_file:
             while self.step < self.config.steps:  # fetch only batches that will be trained on
                 x0, y = next(batches)
-                x0 = x0.to(self.device, non_blocking=True)
-                y = y.to(self.device, non_blocking=True) if conditional else None
+                x0 = x0.to(self.device, non_blocking=non_blocking)
+                y = y.to(self.device, non_blocking=non_blocking) if conditional else None
                 loss = self.train_step(x0, y)
                 window_losses.append(loss)
                 if self.step % self.config.log_every == 0 or self.step == self.config.steps:
+                    mean_loss = self.place.mean(torch.stack(window_losses).mean()).item()  # over all ranks
                     now = time.perf_counter()
                     record = {
-                        "step": self.step, "loss": torch.stack(window_losses).mean().item(),
-                        "lr": self.scheduler.get_last_lr()[0],
+                        "step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
                         "images_per_s": len(window_losses) * self.config.batch_size / (now - window_start),
                         "elapsed_s": now - start,
                     }
-                    log_file.write(json.dumps(record) + "\n")
-                    log_file.flush()
+                    if main:
+                        log_file.write(json.dumps(record) + "\n")
+                        log_file.flush()
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
                     window_start, window_losses = now, []
                 if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
                     self.checkpoint(log_file)
-                if self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
-                    self.save_ema(self.out / "snapshots" / f"step_{self.step:07d}.pt")
-                if self.config.sample_every and self.step % self.config.sample_every == 0:
-                    shape = (self.config.sample_images, self.model_config.in_channels, *[self.model_config.image_size] * 2)
-                    write_sample_grid(self.ema.model, self.schedule, shape,
-                                      self.out / "samples" / f"step_{self.step:07d}.png", seed=self.config.seed)
+                if main:
+                    self.keep_pictures()
                 bar.update(1)
         bar.close()
-        path = self.checkpoint_path
+        self.place.barrier()  # every rank returns once rank 0 has written the last checkpoint
         seconds = time.perf_counter() - start
         images = self.config.batch_size * (self.step - first_step)
-        return TrainResult(self.step, loss.item(), images / seconds, seconds, path)
+        return TrainResult(self.step, loss.item(), images / seconds, seconds, self.checkpoint_path)
+
+    def keep_pictures(self) -> None:
+        """Rank 0's extras along the way: EMA snapshots and sample grids, when they are due."""
+        if self.config.snapshot_every and self.step % self.config.snapshot_every == 0:
+            self.save_ema(self.out / "snapshots" / f"step_{self.step:07d}.pt")
+        if self.config.sample_every and self.step % self.config.sample_every == 0:
+            shape = (self.config.sample_images, self.model_config.in_channels, *[self.model_config.image_size] * 2)
+            write_sample_grid(self.ema.model, self.schedule, shape,
+                              self.out / "samples" / f"step_{self.step:07d}.png", seed=self.config.seed)
 
 
 def read_log(path: str | Path) -> list[dict]:
