@@ -130,6 +130,14 @@ class EMA:
             ema_buffer.copy_(buffer)
 
 
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch; it must split evenly."""
+    if batch_size % world_size:
+        raise ValueError(f"the global batch of {batch_size} does not split evenly over {world_size} processes; "
+                         f"choose a --batch-size that is a multiple of --nproc_per_node")
+    return batch_size // world_size
+
+
 def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int, rank: int = 0,
                   world_size: int = 1) -> Iterator[list[int]]:
     """Index batches forever, rank `rank`'s share (batch_size / world_size) of each global batch.
@@ -139,10 +147,7 @@ def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int, r
     step k together are the single-process batch k. Starting at `start_step` skips exactly the
     batches already trained on.
     """
-    if batch_size % world_size:
-        raise ValueError(f"the global batch of {batch_size} does not split evenly over {world_size} processes; "
-                         f"choose a --batch-size that is a multiple of --nproc_per_node")
-    local_batch = batch_size // world_size
+    local_batch = local_batch_size(batch_size, world_size)
     sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                  drop_last=True)
     per_epoch = len(sampler) // local_batch
@@ -187,9 +192,7 @@ class Trainer:
                  holdout: torch.Tensor | None = None, place: Distributed = Distributed()):
         self.model_config, self.diffusion_config, self.config = model_config, diffusion_config, train_config
         self.dataset, self.out, self.device, self.place = dataset, Path(out), torch.device(device), place
-        if train_config.batch_size % place.world_size:
-            raise ValueError(f"the global batch of {train_config.batch_size} does not split evenly over "
-                             f"{place.world_size} processes; choose a --batch-size that is a multiple of it")
+        local_batch_size(train_config.batch_size, place.world_size)  # refused here, before any process waits
         self.extra = extra or {}  # plain data stored with the run (dataset name, profile, ...)
         cuda = self.device.type == "cuda"
         torch.manual_seed(train_config.seed)  # the same initial weights on every rank
@@ -365,6 +368,8 @@ class Trainer:
         first_step = self.step
         conditional = self.model_config.num_classes is not None
         non_blocking = self.config.pin_memory
+        memory_format = torch.channels_last if self.config.channels_last and self.device.type == "cuda" \
+            else torch.contiguous_format
         batches = iter(self.loader())
         self.model.train()
         start, window_start, window_losses, loss = time.perf_counter(), time.perf_counter(), [], torch.tensor(math.nan)
@@ -372,7 +377,7 @@ class Trainer:
         with (self.out / "log.jsonl").open("a") if main else contextlib.nullcontext() as log_file:
             while self.step < self.config.steps:  # fetch only batches that will be trained on
                 x0, y = next(batches)
-                x0 = x0.to(self.device, non_blocking=non_blocking)
+                x0 = x0.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
                 y = y.to(self.device, non_blocking=non_blocking) if conditional else None
                 loss = self.train_step(x0, y)
                 window_losses.append(loss)
