@@ -75,8 +75,9 @@ bench-gpu: $(VENV)/.installed
 
 # JupyterLab with working sliders, on this machine only (127.0.0.1) and behind a token (the
 # URL to open, token included, is printed); start with notebooks/01_forward_noising.ipynb.
+# As root (a container on a GPU box), JupyterLab wants --allow-root.
 lab: $(VENV)/.installed-lab
-	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks
+	$(VENV)/bin/jupyter lab --ServerApp.ip=127.0.0.1 --ServerApp.root_dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean:
 	rm -rf $(VENV) .pytest_cache benchmarks/results build
