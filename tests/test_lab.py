@@ -280,24 +280,16 @@ def redrawn(widget, old_source: str, before: bytes, path: Path, what: str, timeo
     return after
 
 
-def test_forward_noising_slider_redraws_x_t(browser, lab):
-    page = open_and_run_all(browser, lab, "01_forward_noising.ipynb")
-    widget = find_widget(page, "01_forward_noising.ipynb", ".widget-slider")
-    source, before = figure_source(widget), figure_shot(widget, SHOTS / "01_t_first.png")
+@pytest.mark.parametrize("name", ["01_forward_noising.ipynb", "03_reverse_process.ipynb"])
+def test_the_timestep_slider_redraws_the_figure(browser, lab, name):
+    """01: t over x_t and its pixel histogram; 03: t along the reverse chain (x_t, x0 pred)."""
+    prefix = name[:2]
+    page = open_and_run_all(browser, lab, name)
+    widget = find_widget(page, name, ".widget-slider")
+    source, before = figure_source(widget), figure_shot(widget, SHOTS / f"{prefix}_t_first.png")
     old, new = move_slider(widget, "End")
-    assert old != new
-    redrawn(widget, source, before, SHOTS / "01_t_last.png", f"moving t from {old} to {new}")
-    widget.screenshot(path=str(SHOTS / "01_widget.png"))
-    page.close()
-
-
-def test_reverse_process_slider_redraws_the_chain(browser, lab):
-    page = open_and_run_all(browser, lab, "03_reverse_process.ipynb")
-    widget = find_widget(page, "03_reverse_process.ipynb", ".widget-slider")
-    source, before = figure_source(widget), figure_shot(widget, SHOTS / "03_t_first.png")
-    old, new = move_slider(widget, "End")
-    redrawn(widget, source, before, SHOTS / "03_t_last.png", f"moving t from {old} to {new}")
-    widget.screenshot(path=str(SHOTS / "03_widget.png"))
+    redrawn(widget, source, before, SHOTS / f"{prefix}_t_last.png", f"moving t from {old} to {new}")
+    widget.screenshot(path=str(SHOTS / f"{prefix}_widget.png"))
     page.close()
 
 
