@@ -249,13 +249,14 @@ class Trainer:
         plot_loss_curve(read_log(self.out / "log.jsonl")).savefig(self.out / "loss.png", dpi=100)
 
     def save(self, rank_rng: list[dict] | None = None) -> Path:
+        own = self.rng_state()
         train_state = {
             "step": self.step,
             "best_heldout_loss": self.best_heldout_loss,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else [],
+            "torch_rng": own["cpu"],
+            "cuda_rng": [] if own["cuda"] is None else [own["cuda"]],
             "train_config": to_dict(self.config),
             "world_size": self.place.world_size,
         }
