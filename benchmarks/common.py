@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -10,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from ddpm_core.files import write_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -38,7 +39,5 @@ def machine() -> dict:
 
 
 def write_results(name: str, results: dict) -> Path:
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), **results}, indent=2))
-    return path
+    """results/NAME.json with the machine's description, written atomically."""
+    return write_json(RESULTS / f"{name}.json", {"machine": machine(), **results})

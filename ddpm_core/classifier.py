@@ -18,8 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ddpm_core.checkpoint import atomic_save, safe_load
-from ddpm_core.config import DiffusionConfig, ModelConfig, replace, to_dict
+from ddpm_core.checkpoint import atomic_save, check_state, safe_load, stored_config
+from ddpm_core.config import DiffusionConfig, ModelConfig, check_types, replace, to_dict
 from ddpm_core.diffusion import q_sample, sample_timesteps
 from ddpm_core.layers import AttentionBlock, Downsample, ResnetBlock, TimestepEmbedding, group_norm
 from ddpm_core.schedule import NoiseSchedule
@@ -77,6 +77,7 @@ class ClassifierConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("steps, batch_size and lr must be positive and weight_decay non-negative")
 
@@ -148,7 +149,14 @@ def load_noisy_classifier(path: str | Path, map_location: str | torch.device = "
                           ) -> tuple[NoisyClassifier, DiffusionConfig]:
     """Read a classifier written by `save_noisy_classifier` (weights only), in eval mode, with
     the diffusion config it was trained for (its T and schedule must match the sampler's)."""
-    payload = safe_load(Path(path), FORMAT, "train one with `python -m ddpm_core train-classifier`", map_location)
-    classifier = NoisyClassifier(ModelConfig(**payload["model_config"]), payload["num_classes"])
+    path = Path(path)
+    payload = safe_load(path, FORMAT, "train one with `python -m ddpm_core train-classifier`", map_location)
+    config = stored_config(payload, "model_config", ModelConfig, path)
+    diffusion = stored_config(payload, "diffusion_config", DiffusionConfig, path)
+    num_classes = payload.get("num_classes")
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+        raise ValueError(f"{path}: its num_classes is {num_classes!r}, not a count of classes; the file is damaged")
+    classifier = NoisyClassifier(config, num_classes)
+    check_state(payload.get("state"), classifier, path)
     classifier.load_state_dict(payload["state"])
-    return classifier.eval(), DiffusionConfig(**payload["diffusion_config"])
+    return classifier.eval(), diffusion

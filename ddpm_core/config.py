@@ -7,14 +7,18 @@ This module owns the settings and their validation; it builds nothing. Change a 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin
 
 ScheduleName = Literal["linear", "cosine"]
 ModelKind = Literal["unet", "cnn", "resnet"]
 VarianceName = Literal["fixedlarge", "fixedsmall"]
 SamplerName = Literal["ddpm", "ddim"]
 SpacingName = Literal["uniform", "quadratic"]
+MetricName = Literal["inception", "mnist"]  # FID features: InceptionV3, or the MNIST judge
 
 
 def check_choice(value: str, literal_type, what: str) -> None:
@@ -22,6 +26,43 @@ def check_choice(value: str, literal_type, what: str) -> None:
     choices = get_args(literal_type)
     if value not in choices:
         raise ValueError(f"unknown {what} {value!r}; valid choices: {', '.join(choices)}")
+
+
+def _fits(value, kind) -> bool:
+    """Whether `value` is of the annotated type `kind` (int, float, bool, str, Literal, tuple[int, ...],
+    X | None). bool is not an int here, floats must be finite, and a float field takes an int."""
+    origin = get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in get_args(kind))
+    if origin is Literal:
+        return value in get_args(kind)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_fits(item, get_args(kind)[0]) for item in value)
+    if kind is type(None):
+        return value is None
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_types(config) -> None:
+    """Raise a ValueError naming the field, its value and the type expected when a field of the
+    dataclass `config` holds something else: a string where a number belongs (an edited
+    checkpoint), NaN or inf for a rate, a bool for a count. Called first by each config's
+    __post_init__ (after lists from JSON became tuples), so the range checks compare numbers."""
+    hints = typing.get_type_hints(type(config))
+    for field in dataclasses.fields(config):
+        value, kind = getattr(config, field.name), hints[field.name]
+        if not _fits(value, kind):
+            shown = getattr(kind, "__name__", None) if get_origin(kind) is None else None
+            expected = shown or str(kind).replace("typing.", "")
+            if isinstance(value, float) and not math.isfinite(value):
+                expected = "a finite number"
+            raise ValueError(f"{type(config).__name__}.{field.name} must be {expected}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -38,6 +79,7 @@ class DiffusionConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.schedule, ScheduleName, "schedule")
+        check_types(self)
         if self.num_timesteps < 2:
             raise ValueError(f"num_timesteps (T) must be at least 2, got {self.num_timesteps}")
 
@@ -68,8 +110,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice(self.kind, ModelKind, "model kind")
         # Accept lists from JSON or the command line, store tuples so the config stays hashable.
-        object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
-        object.__setattr__(self, "attention_resolutions", tuple(self.attention_resolutions))
+        for name in ("channel_mults", "attention_resolutions"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        check_types(self)
         if self.in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}")
         if self.base_channels < 1 or self.num_res_blocks < 1 or not self.channel_mults:

@@ -21,7 +21,6 @@ import pickle
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -31,7 +30,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, Featu
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint, atomic_save, safe_load
-from ddpm_core.config import check_choice
+from ddpm_core.config import MetricName, check_choice
 from ddpm_core.data import DatasetName, make_dataset
 from ddpm_core.judge import DigitClassifier, load_digit_classifier
 from ddpm_core.guidance import ClassifierFreeGuidance
@@ -42,8 +41,7 @@ from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
-MetricName = Literal["inception", "mnist"]
-INCEPTION_FILE = Path(URL_INCEPTION_V3).name  # pt_inception-2015-12-05-6726825d.pth
+INCEPTION_FILE = Path(URL_INCEPTION_V3).name  # weights-inception-2015-12-05-6726825d.pth
 STATS_FORMAT = "ddpm_core.reference_stats"
 
 

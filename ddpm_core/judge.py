@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from ddpm_core.checkpoint import atomic_save, safe_load
+from ddpm_core.checkpoint import atomic_save, check_state, safe_load
 
 FORMAT = "ddpm_core.digit_classifier"
 CONFIDENT = 0.9  # a sample counts as a recognisable digit when the judge gives it >= 90%
@@ -120,5 +120,6 @@ def load_digit_classifier(path: str | Path, map_location: str | torch.device = "
     """Read a judge written by `save_digit_classifier` (weights only; no pickled code runs)."""
     payload = safe_load(Path(path), FORMAT, "train one with train_digit_classifier", map_location)
     model = DigitClassifier()
+    check_state(payload.get("state"), model, Path(path))
     model.load_state_dict(payload["state"])
     return model.eval()

@@ -16,6 +16,7 @@ import torch
 import torchvision.utils
 from matplotlib.figure import Figure
 
+from ddpm_core.files import atomic_path
 from ddpm_core.schedule import NoiseSchedule
 
 
@@ -37,11 +38,18 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) 
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (B, C, H, W) in [-1, 1] as one PNG grid; creates the folder. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torchvision.utils.save_image(image_grid(images, nrow), path)
-    return path
+    """Write images (B, C, H, W) in [-1, 1] as one PNG grid, atomically (`files.atomic_path`);
+    creates the folder. Returns the path."""
+    with atomic_path(path) as tmp:
+        torchvision.utils.save_image(image_grid(images, nrow), tmp)
+    return Path(path)
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 100, **savefig_options) -> Path:
+    """`fig.savefig(path)`, atomically: a full disk or a crash keeps the previous picture."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, **savefig_options)
+    return Path(path)
 
 
 def plot_schedules(schedules: dict[str, NoiseSchedule]) -> Figure:
@@ -125,15 +133,14 @@ def save_gif(frames: torch.Tensor, path: str | Path, nrow: int | None = None, fr
     batch (e.g. the reverse chain x_T -> x_0). The last frame is held for `hold_last_ms`."""
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     pictures = []
     for frame in frames:
         grid = (image_grid(frame, nrow) * 255).round().to(torch.uint8).permute(1, 2, 0)  # (H', W', 3)
         pictures.append(Image.fromarray(grid.numpy()).convert("P", palette=Image.Palette.ADAPTIVE))
     durations = [frame_ms] * (len(pictures) - 1) + [hold_last_ms]
-    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
-    return path
+    with atomic_path(path) as tmp:
+        pictures[0].save(tmp, save_all=True, append_images=pictures[1:], duration=durations, loop=0)
+    return Path(path)
 
 
 def plot_image_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, scale: float = 0.4) -> Figure:

@@ -1,5 +1,7 @@
 """Checkpoint files: round trip, atomic writes, and safe loading of bad files."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -36,8 +38,8 @@ def test_a_crash_while_writing_keeps_the_last_good_file(tmp_path, monkeypatch):
     path = save_checkpoint(make_checkpoint(), tmp_path / "ckpt.pt")
     before = path.read_bytes()
 
-    def crash(obj, handle, *args, **kwargs):
-        handle.write(b"half a checkpoint")
+    def crash(obj, target, *args, **kwargs):
+        Path(target).write_bytes(b"half a checkpoint")
         raise KeyboardInterrupt("killed mid-write")
 
     monkeypatch.setattr(torch, "save", crash)
