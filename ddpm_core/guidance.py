@@ -10,6 +10,7 @@ is `ddpm_core.classifier`'s; the samplers are `ddpm_core.sampling`'s.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +43,8 @@ def classifier_guidance(classifier: NoisyClassifier, y: torch.Tensor, scale: flo
     """The `guidance` argument of the samplers: (x_t, t) -> scale * grad log p_phi(y | x_t, t).
 
     scale s > 1 sharpens the class distribution to p(y | x_t)^s (s = 0: unguided)."""
-    if scale < 0:
-        raise ValueError(f"the guidance scale must be >= 0, got {scale}")
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"the guidance scale s must be a finite number >= 0 (0: unguided), got {scale}")
     classifier.eval()
 
     def guidance(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -76,8 +77,9 @@ class ClassifierFreeGuidance(nn.Module):
         if num_classes is None:
             raise ValueError("classifier-free guidance needs a class-conditional model (num_classes set, "
                              "trained with label_dropout > 0)")
-        if guidance_weight < 0:
-            raise ValueError(f"the guidance weight w must be >= 0, got {guidance_weight}")
+        if not (math.isfinite(guidance_weight) and guidance_weight >= 0):
+            raise ValueError(f"the guidance weight w must be a finite number >= 0 (0: conditional only), "
+                             f"got {guidance_weight}")
         self.model, self.num_classes, self.guidance_weight = model, num_classes, guidance_weight
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

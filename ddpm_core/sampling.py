@@ -209,8 +209,8 @@ def ddim_sample(
 
     `loop_options` are those of `reverse_loop`.
     """
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not (math.isfinite(eta) and eta >= 0):
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: DDPM-like), got {eta}")
     taus = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
     pairs = list(zip(reversed(taus), [*reversed(taus[:-1]), -1]))  # [(tau_{S-1}, tau_{S-2}), ..., (tau_0, -1)]
 
@@ -320,4 +320,5 @@ def sample(
                 f"use sampler='ddim' for {num_steps} steps"
             )
         return ddpm_sample(model, schedule, shape, variance, clip_denoised, **loop_options)
-    return ddim_sample(model, schedule, shape, num_steps or 50, eta, spacing, clip_denoised, **loop_options)
+    num_steps = 50 if num_steps is None else num_steps  # 0 is refused by ddim_timesteps, not replaced
+    return ddim_sample(model, schedule, shape, num_steps, eta, spacing, clip_denoised, **loop_options)
