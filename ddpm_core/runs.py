@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.checkpoint import load_checkpoint, stored_config
 from ddpm_core.classifier import (
     ClassifierConfig, NoisyClassifier, accuracy_by_timestep, classifier_model_config, save_noisy_classifier,
     train_noisy_classifier,
@@ -28,9 +28,9 @@ from ddpm_core.data import SHAPES, DatasetName, make_dataset
 from ddpm_core.distributed import Distributed
 from ddpm_core.judge import classifier_accuracy, save_digit_classifier, train_digit_classifier
 from ddpm_core.profiles import PROFILES, default_profile, get_profile
-from ddpm_core.runtime import resolve_device
+from ddpm_core.runtime import configure_threads, resolve_device
 from ddpm_core.schedule import NoiseSchedule
-from ddpm_core.training import TrainConfig, Trainer, TrainResult
+from ddpm_core.training import RESUMABLE, TrainConfig, Trainer, TrainResult, resume_conflicts
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,48 @@ def resolve_run(profile: str, dataset: DatasetName | None = None, schedule: str 
     return RunSpec(base.name, dataset, model, diffusion, train)
 
 
+def resume_run(out: str | Path, profile: str | None = None, dataset: DatasetName | None = None,
+               schedule: str | None = None, attention: bool | None = None, base_channels: int | None = None,
+               num_classes: int | None = None, **train_overrides) -> tuple[RunSpec, dict[str, tuple]]:
+    """The run in `out` as its last.pt recorded it, for `--resume`: the same arguments as
+    `resolve_run`, where None means "as the run was trained". What a resumed run can honour
+    (`training.RESUMABLE`: steps, logging, speed) is applied and returned as {name: (old, new)};
+    any other setting that differs is refused with a ValueError naming each one."""
+    last = Path(out) / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last} to continue from; drop --resume to start there")
+    checkpoint = load_checkpoint(last)
+    if not isinstance((checkpoint.train_state or {}).get("train_config"), dict):
+        raise ValueError(f"{last} holds weights only (no training state); it cannot be resumed")
+    trained = stored_config(checkpoint.train_state, "train_config", TrainConfig, last)
+    model, meta = checkpoint.model_config, checkpoint.metadata
+    asked = {"profile": (profile, meta.get("profile")), "dataset": (dataset, meta.get("dataset")),
+             "schedule": (schedule, checkpoint.diffusion_config.schedule), "attention": (attention, model.attention),
+             "base_channels": (base_channels, model.base_channels), "num_classes": (num_classes, model.num_classes)}
+    refused = [f"{name} {old!r} -> {new!r}" for name, (new, old) in asked.items() if new is not None and new != old]
+    requested = replace(trained, **{k: v for k, v in train_overrides.items() if v is not None})
+    refused += resume_conflicts(trained, requested)
+    step = checkpoint.metadata.get("step", 0)
+    if requested.steps < step:
+        refused.append(f"steps {trained.steps} -> {requested.steps}, past the {requested.steps} steps asked for "
+                       f"(it is at step {step}: pass --steps {step} or more)")
+    if refused:
+        raise ValueError(f"{out} was trained with other settings ({'; '.join(refused)}); a resumed run keeps them: "
+                         f"drop those options, or train into a new --out")
+    changes = {name: (getattr(trained, name), getattr(requested, name)) for name in RESUMABLE
+               if getattr(trained, name) != getattr(requested, name)}
+    spec = RunSpec(meta.get("profile", "custom"), meta.get("dataset", "mnist"), model, checkpoint.diffusion_config,
+                   requested)
+    return spec, changes
+
+
 def resolve_notebook(profile: str, dataset: DatasetName | None, schedule: str | None, attention: bool | None,
                      device: str) -> tuple[RunSpec, torch.device]:
     """The notebooks' setup: check the parameters and resolve them. "auto" picks the device
-    (CUDA, MPS, CPU) and then the profile (mnist-gpu on CUDA, laptop elsewhere)."""
+    (CUDA, MPS, CPU) and then the profile (mnist-gpu on CUDA, laptop elsewhere); the CPU
+    threads are set as for the command line (`runtime.configure_threads`)."""
     resolved_device = resolve_device(device)
+    configure_threads()  # $DDPM_THREADS (make run passes --threads on), else the cores left free
     name = default_profile(resolved_device) if profile == "auto" else profile
     spec = resolve_run(name, dataset=dataset, schedule=schedule, attention=attention)
     return spec, resolved_device

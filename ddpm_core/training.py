@@ -23,6 +23,8 @@ import copy
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,11 +38,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, to_dict
+from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, check_types, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.diffusion import loss_simple, sample_timesteps
 from ddpm_core.distributed import Distributed
+from ddpm_core.files import folder_lock, remove_orphans, write_text
 from ddpm_core.monitor import heldout_loss, plot_loss_curve, write_sample_grid
+from ddpm_core.plotting import save_figure
 from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
@@ -76,6 +80,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
+        check_types(self)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.sample_every < 0 or self.snapshot_every < 0:
@@ -104,6 +109,20 @@ def lr_factor(config: TrainConfig, k: int) -> float:
         return 1.0
     progress = min(1.0, (k - config.warmup_steps) / max(config.steps - config.warmup_steps, 1))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# What a resumed run may change: how far it goes, how it is watched and how fast it runs.
+# Every other setting decides the weights, so resuming with another value is refused.
+RESUMABLE = ("steps", "log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every",
+             "num_workers", "compile", "fused_adam", "pin_memory")
+
+
+def resume_conflicts(trained: TrainConfig, requested: TrainConfig) -> list[str]:
+    """The settings, other than `RESUMABLE`'s, in which `requested` differs from the run's own,
+    as "name: trained -> requested" lines."""
+    return [f"{name} {getattr(trained, name)!r} -> {getattr(requested, name)!r}"
+            for name in TrainConfig.__dataclass_fields__
+            if name not in RESUMABLE and getattr(trained, name) != getattr(requested, name)]
 
 
 class EMA:
@@ -166,10 +185,41 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or inf; the last good checkpoint is kept."""
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT or SIGTERM stopped the run after a step; last.pt holds that step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: {checkpoint} holds it")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While the block runs, SIGINT (Ctrl-C) and SIGTERM are recorded in the list it yields
+    instead of killing the process mid-step, so the loop can save and stop; a second signal
+    interrupts at once. Only the main thread can catch signals: elsewhere nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 @dataclass
 class TrainResult:
     step: int
-    final_loss: float
+    final_loss: float | None  # None when no step was trained (a finished run resumed)
     images_per_s: float
     seconds: float
     checkpoint: Path
@@ -246,7 +296,7 @@ class Trainer:
             log_file.write(json.dumps({"step": self.step, "heldout_loss": value, "best": is_best}) + "\n")
             log_file.flush()
         self.save(rank_rng)
-        plot_loss_curve(read_log(self.out / "log.jsonl")).savefig(self.out / "loss.png", dpi=100)
+        save_figure(plot_loss_curve(read_log(self.out / "log.jsonl")), self.out / "loss.png")
 
     def save(self, rank_rng: list[dict] | None = None) -> Path:
         own = self.rng_state()
@@ -278,13 +328,23 @@ class Trainer:
         checkpoint = load_checkpoint(path, map_location=self.device)
         if (checkpoint.model_config, checkpoint.diffusion_config) != (self.model_config, self.diffusion_config):
             raise ValueError(
-                f"{path} was trained with another configuration:\n  checkpoint: {checkpoint.model_config}, "
-                f"{checkpoint.diffusion_config}\n  requested:  {self.model_config}, {self.diffusion_config}\n"
+                f"{path} was trained with another configuration (checkpoint: {checkpoint.model_config}, "
+                f"{checkpoint.diffusion_config}; requested: {self.model_config}, {self.diffusion_config}): "
                 f"resume with the same profile and options, or write to a new --out folder"
             )
         if checkpoint.train_state is None:
             raise ValueError(f"{path} holds weights only (no optimizer state); it cannot be resumed")
-        state = checkpoint.train_state
+        try:
+            self._restore(checkpoint.train_state, checkpoint, path)
+        except (KeyError, TypeError, IndexError, AttributeError, RuntimeError) as error:
+            raise ValueError(f"{path}: its training state is damaged ({type(error).__name__}: {error}); "
+                             f"resume from a copy, or start a new run") from error
+
+    def _restore(self, state: dict, checkpoint: Checkpoint, path: Path) -> None:
+        trained = TrainConfig(**state["train_config"])
+        if conflicts := resume_conflicts(trained, self.config):
+            raise ValueError(f"{path} was trained with other settings ({'; '.join(conflicts)}); a resumed run keeps "
+                             f"them: drop those options, or train into a new --out")
         world_size = state.get("world_size", 1)
         if world_size != self.place.world_size:
             raise ValueError(f"{path} was trained by {world_size} process(es) and this run has "
@@ -353,58 +413,84 @@ class Trainer:
                           num_workers=self.config.num_workers, pin_memory=pin, generator=generator)
 
     def run(self, resume: bool = False, progress: bool = False) -> TrainResult:
-        """Train until `config.steps`; with `resume`, continue from out/last.pt first."""
-        if resume:
-            if not self.checkpoint_path.is_file():
-                raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path} to continue from")
-            self.load(self.checkpoint_path)
-        elif self.checkpoint_path.exists():
-            raise FileExistsError(
-                f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
-            )
+        """Train until `config.steps`; with `resume`, continue from out/last.pt first.
+
+        The run owns its folder meanwhile (`files.folder_lock`: a second run into it is
+        refused, naming this one), and SIGINT / SIGTERM stop it after the current step with
+        last.pt saved, raising TrainingInterrupted. A resumed run first removes what a killed
+        one left: unfinished temporary files, and log lines past the checkpoint it resumes.
+        """
         main = self.place.is_main
-        if main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        self._saved_step = self.step if resume else None
-        first_step = self.step
-        conditional = self.model_config.num_classes is not None
+        with folder_lock(self.out) if main else contextlib.nullcontext(), stop_requests() as stop:
+            if resume:
+                if not self.checkpoint_path.is_file():
+                    raise FileNotFoundError(f"--resume: no checkpoint at {self.checkpoint_path} to continue from; "
+                                            f"drop --resume to start a new run there")
+                self.load(self.checkpoint_path)
+            elif self.checkpoint_path.exists():
+                raise FileExistsError(
+                    f"{self.checkpoint_path} exists: pass --resume to continue that run, or choose another --out"
+                )
+            if main:
+                remove_orphans(self.out)
+                trim_log(self.out / "log.jsonl", self.step)
+            self._saved_step = self.step if resume else None
+            first_step, start = self.step, time.perf_counter()
+            with (self.out / "log.jsonl").open("a") if main else contextlib.nullcontext() as log_file:
+                loss = self.loop(log_file, stop, progress)
+        self.place.barrier()  # every rank returns once rank 0 has written the last checkpoint
+        seconds = time.perf_counter() - start
+        images = self.config.batch_size * (self.step - first_step)
+        return TrainResult(self.step, loss, images / seconds, seconds, self.checkpoint_path)
+
+    def loop(self, log_file, stop: list[int], progress: bool = False) -> float | None:
+        """Alg. 1's loop from the current step to `config.steps`, logging and checkpointing as
+        configured; a signal in `stop` (on any rank) ends it after a checkpoint. Returns the
+        last step's loss, or None when no step was left to train."""
+        main, conditional = self.place.is_main, self.model_config.num_classes is not None
         non_blocking = self.config.pin_memory
         memory_format = torch.channels_last if self.config.channels_last and self.device.type == "cuda" \
             else torch.contiguous_format
         batches = iter(self.loader())
         self.model.train()
-        start, window_start, window_losses, loss = time.perf_counter(), time.perf_counter(), [], torch.tensor(math.nan)
-        bar = tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not (progress and main))
-        with (self.out / "log.jsonl").open("a") if main else contextlib.nullcontext() as log_file:
+        window, loss = {"start": time.perf_counter(), "losses": [], "run_start": time.perf_counter()}, None
+        with tqdm(total=self.config.steps, initial=self.step, desc="training", disable=not (progress and main)) as bar:
             while self.step < self.config.steps:  # fetch only batches that will be trained on
                 x0, y = next(batches)
                 x0 = x0.to(self.device, non_blocking=non_blocking, memory_format=memory_format)
                 y = y.to(self.device, non_blocking=non_blocking) if conditional else None
                 loss = self.train_step(x0, y)
-                window_losses.append(loss)
-                if self.step % self.config.log_every == 0 or self.step == self.config.steps:
-                    mean_loss = self.place.mean(torch.stack(window_losses).mean()).item()  # over all ranks
-                    now = time.perf_counter()
-                    record = {
-                        "step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
-                        "images_per_s": len(window_losses) * self.config.batch_size / (now - window_start),
-                        "elapsed_s": now - start,
-                    }
-                    if main:
-                        log_file.write(json.dumps(record) + "\n")
-                        log_file.flush()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
-                    window_start, window_losses = now, []
-                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps:
+                window["losses"].append(loss)
+                log_due = self.step % self.config.log_every == 0 or self.step == self.config.steps
+                if log_due:
+                    self.log_window(window, log_file, bar)
+                stopping = bool(stop)
+                if self.place.enabled:  # the ranks agree when to stop, at log steps, which synchronise anyway
+                    stopping = log_due and self.place.mean(torch.tensor(float(stopping), device=self.device)).item() > 0
+                if self.step % self.config.checkpoint_every == 0 or self.step == self.config.steps or stopping:
                     self.checkpoint(log_file)
                 if main:
                     self.keep_pictures()
                 bar.update(1)
-        bar.close()
-        self.place.barrier()  # every rank returns once rank 0 has written the last checkpoint
-        seconds = time.perf_counter() - start
-        images = self.config.batch_size * (self.step - first_step)
-        return TrainResult(self.step, loss.item(), images / seconds, seconds, self.checkpoint_path)
+                if stopping:
+                    raise TrainingInterrupted(stop[0] if stop else signal.SIGTERM, self.step, self.checkpoint_path)
+        return None if loss is None else loss.item()
+
+    def log_window(self, window: dict, log_file, bar) -> None:
+        """One log.jsonl line for the steps since the last one: mean loss over them (and the
+        ranks), lr, images/s, elapsed seconds; shown on the progress bar too."""
+        mean_loss = self.place.mean(torch.stack(window["losses"]).mean()).item()
+        now = time.perf_counter()
+        record = {
+            "step": self.step, "loss": mean_loss, "lr": self.scheduler.get_last_lr()[0],
+            "images_per_s": len(window["losses"]) * self.config.batch_size / (now - window["start"]),
+            "elapsed_s": now - window["run_start"],
+        }
+        if self.place.is_main:
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+        bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        window.update(start=now, losses=[])
 
     def keep_pictures(self) -> None:
         """Rank 0's extras along the way: EMA snapshots and sample grids, when they are due."""
@@ -419,4 +505,19 @@ class Trainer:
 def read_log(path: str | Path) -> list[dict]:
     """The records of a run's log.jsonl."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step` (a resumed run writes the later ones again) and
+    drop a half-written last line, so that a restart leaves neither duplicates nor bad JSON."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+    if len(kept) != len(lines):
+        write_text(path, "".join(f"{line}\n" for line in kept))
 
