@@ -209,7 +209,7 @@ def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_f
     assert "floor" not in report and "note" not in report
 
     for args, message in [
-        (("--num-samples", "1"), "at least 2"),
+        (("--num-samples", "1"), ">= 2"),
         (("--sampler", "ddpm", "--steps", "10"), "use sampler='ddim'"),
         (("--metric", "inception", "--inception-weights", str(tmp_path / "none.pth")), "no Inception weights at"),
     ]:
