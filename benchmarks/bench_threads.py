@@ -31,7 +31,7 @@ from common import write_results
 HERE = Path(__file__).resolve().parent
 CONDITIONS = {  # name: (threads, OMP_WAIT_POLICY)
     "1": ("1", None), "2": ("2", None), "auto": ("auto", None),
-    "1-passive": ("1", "PASSIVE"), "2-passive": ("2", "PASSIVE"),
+    "1-passive": ("1", "PASSIVE"), "2-passive": ("2", "PASSIVE"), "auto-passive": ("auto", "PASSIVE"),
 }
 SPINNER = "import time\nwhile True:\n    pass\n"
 DUTY = ("import sys, time\nbusy = {share} * 0.1\nwhile True:\n    end = time.perf_counter() + busy\n"
