@@ -119,7 +119,7 @@ RESUMABLE = ("steps", "log_every", "checkpoint_every", "sample_every", "sample_i
 
 def resume_conflicts(trained: TrainConfig, requested: TrainConfig) -> list[str]:
     """The settings, other than `RESUMABLE`'s, in which `requested` differs from the run's own,
-    as "name: trained -> requested" lines."""
+    as "name trained -> requested" strings."""
     return [f"{name} {getattr(trained, name)!r} -> {getattr(requested, name)!r}"
             for name in TrainConfig.__dataclass_fields__
             if name not in RESUMABLE and getattr(trained, name) != getattr(requested, name)]
