@@ -207,8 +207,7 @@ def save_images(samples: torch.Tensor, folder: Path) -> Path:
     """One PNG per uint8 image (N, C, H, W), the input FID tools such as torch-fidelity read."""
     from PIL import Image
 
-    check_output(folder, "folder")
-    for index, image in enumerate(samples):
+    for index, image in enumerate(samples):  # run_sample checked the folder before sampling
         array = image.permute(1, 2, 0).squeeze(-1).numpy()  # (H, W[, C])
         with atomic_path(folder / f"{index:06d}.png", durable=False) as tmp:
             Image.fromarray(array).save(tmp)

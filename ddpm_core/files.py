@@ -71,10 +71,15 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     then lose the new file, but a failed write still never replaces the old one.
     """
     path = Path(path)
-    check_output(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # .grid.k3j2.tmp.png: hidden, marked as temporary, and still ending in the format's suffix
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{TEMP_SUFFIX}{path.suffix}", dir=path.parent)
+    if path.is_dir():  # refused now: os.replace would fail only after the work
+        check_output(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # .grid.k3j2.tmp.png: hidden, marked as temporary, and still ending in the format's suffix
+        fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f"{TEMP_SUFFIX}{path.suffix}", dir=path.parent)
+    except OSError as error:
+        check_output(path)  # says what is in the way (a file for a folder, a read-only folder)
+        raise OutputError(f"cannot write {path}: {_reason(error, path)}") from error
     os.close(fd)
     tmp = Path(name)
     try:

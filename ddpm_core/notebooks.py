@@ -24,7 +24,7 @@ from typing import get_args
 from ddpm_core.config import MetricName, ScheduleName
 from ddpm_core.data import DatasetName
 from ddpm_core.profiles import PROFILES
-from ddpm_core.runs import resolve_notebook
+from ddpm_core.runs import resolve_parameters
 from ddpm_core.runtime import resolve_device
 
 log = logging.getLogger(__name__)
@@ -234,7 +234,7 @@ def validate_parameters(paths: list[str | Path], parameters: dict) -> dict[Path,
     """Check `parameters` against the notebooks' `parameters` cells before anything runs:
     every name must be declared by some notebook, every value must suit its declaration, and
     profile, dataset, schedule, attention and device must resolve together as the notebooks'
-    setup resolves them (runs.resolve_notebook). Raises a one-line ValueError on the first
+    setup resolves them (runs.resolve_parameters). Raises a one-line ValueError on the first
     problem. Returns, for each notebook, the parameters it declares (values as conformed)."""
     declared = {Path(p): read_parameters(p) for p in paths}
     known = sorted({name for names in declared.values() for name in names})
@@ -253,7 +253,7 @@ def validate_parameters(paths: list[str | Path], parameters: dict) -> dict[Path,
         if all(name in values for name in SETUP):
             setup = tuple(values[name] for name in SETUP)
             if setup not in resolved:  # the notebooks' own first check, made before any of them runs
-                resolve_notebook(*setup)
+                resolve_parameters(*setup)
                 resolved.add(setup)
         elif "device" in values:
             resolve_device(values["device"])

@@ -123,15 +123,22 @@ def resume_run(out: str | Path, profile: str | None = None, dataset: DatasetName
     return spec, changes
 
 
-def resolve_notebook(profile: str, dataset: DatasetName | None, schedule: str | None, attention: bool | None,
-                     device: str) -> tuple[RunSpec, torch.device]:
-    """The notebooks' setup: check the parameters and resolve them. "auto" picks the device
-    (CUDA, MPS, CPU) and then the profile (mnist-gpu on CUDA, laptop elsewhere); the CPU
-    threads are set as for the command line (`runtime.configure_threads`)."""
+def resolve_parameters(profile: str, dataset: DatasetName | None, schedule: str | None, attention: bool | None,
+                       device: str) -> tuple[RunSpec, torch.device]:
+    """The notebooks' parameters checked and resolved: "auto" picks the device (CUDA, MPS,
+    CPU) and then the profile (mnist-gpu on CUDA, laptop elsewhere). Changes nothing."""
     resolved_device = resolve_device(device)
-    configure_threads()  # $DDPM_THREADS (make run passes --threads on), else the cores left free
     name = default_profile(resolved_device) if profile == "auto" else profile
     spec = resolve_run(name, dataset=dataset, schedule=schedule, attention=attention)
+    return spec, resolved_device
+
+
+def resolve_notebook(profile: str, dataset: DatasetName | None, schedule: str | None, attention: bool | None,
+                     device: str) -> tuple[RunSpec, torch.device]:
+    """The notebooks' setup: `resolve_parameters`, and the CPU threads set as for the command
+    line (`runtime.configure_threads`: $DDPM_THREADS, else the cores left free)."""
+    spec, resolved_device = resolve_parameters(profile, dataset, schedule, attention, device)
+    configure_threads()
     return spec, resolved_device
 
 

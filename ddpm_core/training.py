@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
-from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, stored_config
 from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, check_types, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.diffusion import loss_simple, sample_timesteps
@@ -341,7 +341,7 @@ class Trainer:
                              f"resume from a copy, or start a new run") from error
 
     def _restore(self, state: dict, checkpoint: Checkpoint, path: Path) -> None:
-        trained = TrainConfig(**state["train_config"])
+        trained = stored_config(state, "train_config", TrainConfig, path)
         if conflicts := resume_conflicts(trained, self.config):
             raise ValueError(f"{path} was trained with other settings ({'; '.join(conflicts)}); a resumed run keeps "
                              f"them: drop those options, or train into a new --out")
