@@ -9,7 +9,6 @@ independent network: `ddpm_core.judge`.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import atomic_save, check_state, safe_load, stored_config
-from ddpm_core.config import DiffusionConfig, ModelConfig, check_types, replace, to_dict
+from ddpm_core.config import ClassifierConfig, DiffusionConfig, ModelConfig, replace, to_dict
 from ddpm_core.diffusion import q_sample, sample_timesteps
 from ddpm_core.layers import AttentionBlock, Downsample, ResnetBlock, TimestepEmbedding, group_norm
 from ddpm_core.schedule import NoiseSchedule
@@ -63,23 +62,6 @@ class NoisyClassifier(nn.Module):
             h = block(h, temb_act) if isinstance(block, ResnetBlock) else block(h)
         h = F.silu(self.norm_out(self.mid_block(h, temb_act)))  # (B, width, H', W')
         return self.head(h.mean(dim=(2, 3)))  # (B, num_classes)
-
-
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """How the noise-aware classifier is trained (AdamW, lr and weight decay as in
-    guided-diffusion's classifier_train.py, cosine decay over a short budget)."""
-
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_types(self)
-        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError("steps, batch_size and lr must be positive and weight_decay non-negative")
 
 
 def classifier_model_config(model_config: ModelConfig) -> ModelConfig:

@@ -7,6 +7,8 @@ This module owns the settings and their validation; it builds nothing. Change a 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import types
 import typing
@@ -19,6 +21,8 @@ VarianceName = Literal["fixedlarge", "fixedsmall"]
 SamplerName = Literal["ddpm", "ddim"]
 SpacingName = Literal["uniform", "quadratic"]
 MetricName = Literal["inception", "mnist"]  # FID features: InceptionV3, or the MNIST judge
+DatasetName = Literal["mnist", "cifar10", "folder"]
+LrDecay = Literal["constant", "cosine"]
 
 
 def check_choice(value: str, literal_type, what: str) -> None:
@@ -148,6 +152,132 @@ class ModelConfig:
                     f"attention_resolutions {missing} never occur in this UNet; "
                     f"valid choices: {', '.join(map(str, self.resolutions))} (pixels)"
                 )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings. Defaults are the paper's CIFAR-10 run (Appendix B and code)."""
+
+    steps: int = 800_000
+    batch_size: int = 128
+    lr: float = 2e-4
+    warmup_steps: int = 5000  # linear warmup of the learning rate (authors' code)
+    lr_decay: LrDecay = "constant"  # after warmup: constant (the paper) or cosine to 0 at `steps`
+    grad_clip: float = 1.0  # gradient-norm clipping (authors' code)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful EMA early
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 5000  # also when the held-out loss is measured and best.pt kept
+    sample_every: int = 0  # write out/samples/step_N.png every this many steps (0: never)
+    sample_images: int = 16
+    snapshot_every: int = 0  # keep the EMA weights as out/snapshots/step_N.pt (FID over training)
+    amp: bool = True  # bfloat16 autocast, used on CUDA only
+    compile: bool = False  # torch.compile the model (pays on long GPU runs)
+    channels_last: bool = False  # CUDA only; slower on CPUs
+    fused_adam: bool = True  # AdamW's fused CUDA kernel (CUDA only)
+    pin_memory: bool = True  # page-locked batches copied without blocking (CUDA only)
+    num_workers: int = 0
+    label_dropout: float = 0.0  # class-conditional models: share of labels replaced by "no class"
+
+    def __post_init__(self) -> None:
+        check_choice(self.lr_decay, LrDecay, "lr_decay")
+        check_types(self)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if self.sample_every < 0 or self.snapshot_every < 0:
+            raise ValueError(f"sample_every and snapshot_every must be >= 0, got {self.sample_every}, "
+                             f"{self.snapshot_every}")
+        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
+            raise ValueError("lr and grad_clip must be positive and warmup_steps non-negative")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How the noise-aware classifier is trained (AdamW, lr and weight decay as in
+    guided-diffusion's classifier_train.py, cosine decay over a short budget)."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError("steps, batch_size and lr must be positive and weight_decay non-negative")
+
+
+DDIM_STEPS = 50  # S when a DDIM sampler is asked for without a number of steps
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are drawn from a trained model: the sampler and its settings.
+
+    "ddpm" takes all T steps of Ho et al. 2020, Alg. 2 with `variance`; "ddim" takes S =
+    `num_steps` steps (None: `DDIM_STEPS`) of Song et al. 2021 with `eta` and `spacing`.
+    """
+
+    sampler: SamplerName = "ddpm"
+    num_steps: int | None = None  # DDIM's S; DDPM always takes all T
+    variance: VarianceName = "fixedlarge"  # DDPM: sigma_t^2 = beta_t (the paper's CIFAR-10 choice) or beta_tilde_t
+    eta: float = 0.0  # DDIM: 0 deterministic, 1 DDPM-like
+    spacing: SpacingName = "uniform"  # DDIM: which S of the T steps
+    clip_denoised: bool = True  # clip the predicted x0 to [-1, 1]
+    amp: bool = False  # bfloat16 autocast for the model (GPUs); the step arithmetic stays float32
+
+    def __post_init__(self) -> None:
+        for value, kind, what in ((self.sampler, SamplerName, "sampler"), (self.variance, VarianceName, "variance"),
+                                  (self.spacing, SpacingName, "spacing")):
+            check_choice(value, kind, what)
+        check_types(self)
+        if self.eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: DDPM-like), got {self.eta}")
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"num_steps must be at least 1 (or None: {DDIM_STEPS} for DDIM), got {self.num_steps}")
+
+    def steps(self, num_timesteps: int) -> int:
+        """How many model evaluations one sample takes with a T = `num_timesteps` diffusion."""
+        if self.sampler == "ddpm":
+            return num_timesteps
+        return DDIM_STEPS if self.num_steps is None else self.num_steps
+
+
+# TrainConfig fields that change how a run is watched or how fast it goes, never its weights
+# (on the CPU), so they stay out of a run's key.
+_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
+               "compile", "fused_adam", "pin_memory")
+# Fields added after runs were cached: left out of the key at their default, so that those
+# runs keep their folder.
+_KEY_ONLY_IF_SET = {"label_dropout": 0.0}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that decides a run's weights: the profile it came from, resolved."""
+
+    profile: str
+    dataset: DatasetName
+    model: ModelConfig
+    diffusion: DiffusionConfig
+    train: TrainConfig
+
+    @property
+    def key(self) -> str:
+        """12 hex digits of a hash of the resolved configs: equal settings, equal key."""
+        train = {k: v for k, v in to_dict(self.train).items()
+                 if k not in _NOT_IN_KEY and (k not in _KEY_ONLY_IF_SET or v != _KEY_ONLY_IF_SET[k])}
+        text = json.dumps([self.dataset, to_dict(self.model), to_dict(self.diffusion), train], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def replace(config, **changes):

@@ -24,7 +24,6 @@ import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
@@ -33,11 +32,10 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
-from ddpm_core.config import check_choice
+from ddpm_core.config import DatasetName, check_choice
 
 log = logging.getLogger(__name__)
 
-DatasetName = Literal["mnist", "cifar10", "folder"]
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 # What each built-in dataset's images are: (image_size, channels).
 SHAPES = {"mnist": (28, 1), "cifar10": (32, 3)}

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ddpm_core.classifier import ClassifierConfig
-from ddpm_core.config import CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, DiffusionConfig, ModelConfig, replace
-from ddpm_core.data import DatasetName
-from ddpm_core.training import TrainConfig
+from ddpm_core.config import (
+    CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, ClassifierConfig, DatasetName, DiffusionConfig, ModelConfig, TrainConfig,
+    replace,
+)
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Profile:
     train: TrainConfig
     about: str
     classifier: ClassifierConfig = ClassifierConfig()  # the noise-aware classifier for guidance
+    judged_samples: int = 500  # samples per guidance setting that the judge reads (notebook 04)
+    fid_samples: int = 10_000  # samples per FID (notebook 05; the paper's protocol takes 50,000)
 
 
 # Half the channels of MNIST_SMALL_MODEL at 7x7 and attention only in the middle: 1.6x the
@@ -41,7 +43,7 @@ PROFILES = {
             TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.99, ema_warmup=True,
                         log_every=5, checkpoint_every=10, sample_every=10, sample_images=4, snapshot_every=5),
             "seconds on a CPU: exercises every stage, learns nothing (tests and CI)",
-            ClassifierConfig(steps=10, batch_size=8),
+            ClassifierConfig(steps=10, batch_size=8), judged_samples=20, fid_samples=16,
         ),
         Profile(
             "laptop", "mnist", LAPTOP_MODEL, DiffusionConfig("linear", 1000),
@@ -50,7 +52,7 @@ PROFILES = {
             "MNIST on a 2-core CPU in under 30 minutes (README: how it was tuned)",
             # 3,000 steps (21.5 min here): 98.7% at t = 0, 82% at t = 400; guidance at s = 10 then
             # gives 97.4% of the requested digits; 800 steps gave 95% / 71% and 81.4% (README).
-            ClassifierConfig(steps=3000, batch_size=128, lr=2e-3),
+            ClassifierConfig(steps=3000, batch_size=128, lr=2e-3), judged_samples=100, fid_samples=100,
         ),
         Profile(
             "mnist-gpu", "mnist", replace(MNIST_SMALL_MODEL, base_channels=64, num_res_blocks=2, dropout=0.1),
@@ -60,6 +62,7 @@ PROFILES = {
                         num_workers=4),
             "MNIST to full quality on one GPU",
             ClassifierConfig(steps=5000, batch_size=256, lr=1e-3),  # not yet measured on a GPU
+            fid_samples=1000,
         ),
         Profile(
             "cifar10-paper", "cifar10", CIFAR10_PAPER_MODEL, DiffusionConfig("linear", 1000),

@@ -13,53 +13,27 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ddpm_core.checkpoint import load_checkpoint, stored_config
 from ddpm_core.classifier import (
-    ClassifierConfig, NoisyClassifier, accuracy_by_timestep, classifier_model_config, save_noisy_classifier,
+    NoisyClassifier, accuracy_by_timestep, classifier_model_config, save_noisy_classifier,
     train_noisy_classifier,
 )
-from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, replace, to_dict
-from ddpm_core.data import SHAPES, DatasetName, make_dataset
+from ddpm_core.config import (
+    ClassifierConfig, DatasetName, DiffusionConfig, ModelConfig, RunSpec, TrainConfig, check_choice, replace, to_dict,
+)
+from ddpm_core.data import SHAPES, make_dataset
 from ddpm_core.distributed import Distributed
 from ddpm_core.judge import classifier_accuracy, save_digit_classifier, train_digit_classifier
 from ddpm_core.profiles import PROFILES, default_profile, get_profile
 from ddpm_core.runtime import configure_threads, resolve_device
 from ddpm_core.schedule import NoiseSchedule
-from ddpm_core.training import RESUMABLE, TrainConfig, Trainer, TrainResult, resume_conflicts
+from ddpm_core.training import RESUMABLE, Trainer, TrainResult, resume_conflicts
 
 log = logging.getLogger(__name__)
-
-# Fields that change how a run is watched or how fast it goes, never its weights (on the CPU).
-_NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
-               "compile", "fused_adam", "pin_memory")
-# Fields added after runs were cached: left out of the key at their default, so that those
-# runs keep their folder.
-_KEY_ONLY_IF_SET = {"label_dropout": 0.0}
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """Everything that decides a run's weights: the profile it came from, resolved."""
-
-    profile: str
-    dataset: DatasetName
-    model: ModelConfig
-    diffusion: DiffusionConfig
-    train: TrainConfig
-
-    @property
-    def key(self) -> str:
-        """12 hex digits of a hash of the resolved configs: equal settings, equal key."""
-        train = {k: v for k, v in to_dict(self.train).items()
-                 if k not in _NOT_IN_KEY and (k not in _KEY_ONLY_IF_SET or v != _KEY_ONLY_IF_SET[k])}
-        text = json.dumps([self.dataset, to_dict(self.model), to_dict(self.diffusion), train], sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
 
 def resolve_run(profile: str, dataset: DatasetName | None = None, schedule: str | None = None,
                 attention: bool | None = None, base_channels: int | None = None, num_classes: int | None = None,

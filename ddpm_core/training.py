@@ -29,7 +29,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, stored_config
-from ddpm_core.config import DiffusionConfig, ModelConfig, check_choice, check_types, to_dict
+from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.diffusion import loss_simple, sample_timesteps
 from ddpm_core.distributed import Distributed
@@ -48,54 +47,6 @@ from ddpm_core.plotting import save_figure
 from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
-
-LrDecay = Literal["constant", "cosine"]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings. Defaults are the paper's CIFAR-10 run (Appendix B and code)."""
-
-    steps: int = 800_000
-    batch_size: int = 128
-    lr: float = 2e-4
-    warmup_steps: int = 5000  # linear warmup of the learning rate (authors' code)
-    lr_decay: LrDecay = "constant"  # after warmup: constant (the paper) or cosine to 0 at `steps`
-    grad_clip: float = 1.0  # gradient-norm clipping (authors' code)
-    ema_decay: float = 0.9999
-    ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful EMA early
-    seed: int = 0
-    log_every: int = 100
-    checkpoint_every: int = 5000  # also when the held-out loss is measured and best.pt kept
-    sample_every: int = 0  # write out/samples/step_N.png every this many steps (0: never)
-    sample_images: int = 16
-    snapshot_every: int = 0  # keep the EMA weights as out/snapshots/step_N.pt (FID over training)
-    amp: bool = True  # bfloat16 autocast, used on CUDA only
-    compile: bool = False  # torch.compile the model (pays on long GPU runs)
-    channels_last: bool = False  # CUDA only; slower on CPUs
-    fused_adam: bool = True  # AdamW's fused CUDA kernel (CUDA only)
-    pin_memory: bool = True  # page-locked batches copied without blocking (CUDA only)
-    num_workers: int = 0
-    label_dropout: float = 0.0  # class-conditional models: share of labels replaced by "no class"
-
-    def __post_init__(self) -> None:
-        check_choice(self.lr_decay, LrDecay, "lr_decay")
-        check_types(self)
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if self.sample_every < 0 or self.snapshot_every < 0:
-            raise ValueError(f"sample_every and snapshot_every must be >= 0, got {self.sample_every}, "
-                             f"{self.snapshot_every}")
-        for name in ("steps", "batch_size", "log_every", "checkpoint_every", "sample_images"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
-            raise ValueError("lr and grad_clip must be positive and warmup_steps non-negative")
-
 
 def lr_factor(config: TrainConfig, k: int) -> float:
     """The learning rate of update k (0-based) as a fraction of config.lr.
