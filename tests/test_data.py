@@ -5,7 +5,9 @@ import gzip
 import hashlib
 import logging
 import struct
+import urllib.request
 from pathlib import Path
+from urllib.error import URLError
 
 import numpy as np
 import pytest
@@ -17,6 +19,22 @@ from ddpm_core.data import DatasetCorruptError, DatasetUnavailableError, make_da
 from fake_data import write_fake_cifar10, write_fake_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+OFFLINE = "no network (forced by the test)"
+
+
+@pytest.fixture(autouse=True)
+def no_internet(monkeypatch) -> list[str]:
+    """Every download torchvision tries fails as it does offline, whether or not this machine
+    has internet (a test that meant to find its files on disk must not fetch the real ones);
+    the URLs it tried."""
+    tried = []
+
+    def unreachable(request, *args, **kwargs):
+        tried.append(getattr(request, "full_url", str(request)))
+        raise URLError(OFFLINE)
+
+    monkeypatch.setattr(urllib.request, "urlopen", unreachable)  # what torchvision's download_url calls
+    return tried
 
 
 def test_mnist_loads_in_minus_one_to_one(tmp_path):
@@ -150,11 +168,13 @@ def test_corrupt_mnist_through_the_command_line(tmp_path, capsys):
     assert "truncated" in lines[0] and "Traceback" not in lines[0]
 
 
-def test_offline_without_data_names_the_folder_and_the_fix(tmp_path):
+def test_offline_without_data_names_the_folder_and_the_fix(tmp_path, no_internet):
     with pytest.raises(DatasetUnavailableError) as error:
-        make_dataset("mnist", tmp_path / "empty", download=True)  # no internet here: the download fails
+        make_dataset("mnist", tmp_path / "empty", download=True)  # torchvision tries every mirror, and fails
     message = str(error.value)
+    assert no_internet and all("mnist" in url.lower() for url in no_internet)
     assert str((tmp_path / "empty").resolve()) in message and "MNIST/raw" in message and "DDPM_DATA_ROOT" in message
+    assert f"could not be downloaded (RuntimeError: <urlopen error {OFFLINE}>)" in message and "\n" not in message
 
 
 def test_image_folder_of_your_own(tmp_path):

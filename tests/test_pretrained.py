@@ -6,9 +6,8 @@ import os
 import pickle
 import shlex
 import shutil
-import subprocess
-import sys
 
+import huggingface_hub.constants
 import pytest
 import torch
 from diffusers import UNet2DModel
@@ -121,17 +120,15 @@ def test_state_dict_that_does_not_fit_is_refused():
         convert_diffusers_state_dict({**state, "extra.weight": torch.zeros(1)}, config)
 
 
-def test_import_from_a_folder_writes_a_checkpoint_that_samples(tmp_path):
+def test_import_from_a_folder_writes_a_checkpoint_that_samples(tmp_path, capsys):
+    from ddpm_core.cli import main
+
     theirs = random_diffusers_unet(MNIST_DIFFUSERS_CONFIG)
     folder = tmp_path / "ddpm-mnist"
     theirs.save_pretrained(folder)  # config.json + diffusion_pytorch_model.safetensors
     (folder / "scheduler_config.json").write_text(json.dumps(SCHEDULER))
     out = tmp_path / "imported.pt"
-    result = subprocess.run(
-        [sys.executable, "-m", "ddpm_core", "import-pretrained", str(folder), "--out", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    assert main(["import-pretrained", str(folder), "--out", str(out)]) == 0
     checkpoint = load_checkpoint(out)
     assert checkpoint.diffusion_config == DiffusionConfig("linear", 1000)
     x_t, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 900])
@@ -139,27 +136,26 @@ def test_import_from_a_folder_writes_a_checkpoint_that_samples(tmp_path):
         torch.testing.assert_close(checkpoint.build_model()(x_t, t), theirs(x_t, t).sample, rtol=0, atol=1e-5)
     # ... and the sample command takes it with no other flag
     grid, tensor = tmp_path / "grid.png", tmp_path / "samples.pt"
-    result = subprocess.run(
-        [sys.executable, "-m", "ddpm_core", "sample", "--checkpoint", str(out), "--sampler", "ddim", "--steps", "3",
-         "--num", "5", "--batch-size", "2", "--out", str(grid), "--save-tensor", str(tensor), "--no-progress"],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(out), "--sampler", "ddim", "--steps", "3", "--num", "5",
+                 "--batch-size", "2", "--out", str(grid), "--save-tensor", str(tensor), "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["ema"] is True and report["steps"] == 3 and grid.is_file()
     samples = torch.load(tensor, weights_only=True)
     assert samples.shape == (5, 1, 28, 28) and samples.dtype == torch.uint8
 
 
-def test_offline_download_fails_with_what_to_do(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    result = subprocess.run(
-        [sys.executable, "-m", "ddpm_core", "import-pretrained", "google/ddpm-cifar10-32", "--out", str(tmp_path / "x.pt")],
-        capture_output=True, text=True, timeout=120, env=env,
-    )
-    assert result.returncode == 2
-    assert "could not download 'google/ddpm-cifar10-32'" in result.stderr
-    assert "pass that folder instead" in result.stderr and "Traceback" not in result.stderr
+def test_offline_download_fails_with_what_to_do(tmp_path, monkeypatch, capsys):
+    from ddpm_core.cli import main
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as HF_HUB_OFFLINE=1 does, internet or not
+    with pytest.raises(SystemExit) as exit_:
+        main(["import-pretrained", "google/ddpm-cifar10-32", "--out", str(tmp_path / "x.pt"),
+              "--cache-dir", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "could not download 'google/ddpm-cifar10-32'" in err
+    assert "pass that folder instead" in err and "Traceback" not in err
     assert not (tmp_path / "x.pt").exists()
 
 
