@@ -21,14 +21,13 @@ import torch
 
 from common import RESULTS, machine, write_results
 from ddpm_core.checkpoint import load_checkpoint
-from ddpm_core.classifier import load_noisy_classifier
-from ddpm_core.guidance import ClassifierFreeGuidance, classifier_guided_sample
+from ddpm_core.classifier_runs import trained_classifier, trained_judge
+from ddpm_core.config import SamplerConfig, to_dict
+from ddpm_core.generation import generate
 from ddpm_core.judge import judge, load_digit_classifier
 from ddpm_core.plotting import save_image_grid
-from ddpm_core.runs import class_conditional, resolve_run, trained_checkpoint, trained_classifier, trained_judge
-from ddpm_core.runtime import make_generator, resolve_device
-from ddpm_core.sampling import sample
-from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.runs import class_conditional, resolve_run, trained_checkpoint
+from ddpm_core.runtime import resolve_device
 
 
 def grid_rows(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 10) -> torch.Tensor:
@@ -46,6 +45,22 @@ def score(name: str, value: float, samples: torch.Tensor, labels: torch.Tensor, 
     save_image_grid(grid_rows(samples, labels), RESULTS / f"guidance{tag}_{name}_{value:g}.png", nrow=10)
     print(row, flush=True)
     return row
+
+
+def trained_models(args: argparse.Namespace, spec, device) -> dict[str, tuple]:
+    """The four networks, trained on first use and cached under runs/: {name: (path, seconds to get)}."""
+    makers = {
+        "unconditional model": lambda: trained_checkpoint(spec, args.data_root, device, progress=True),
+        "conditional model": lambda: trained_checkpoint(class_conditional(spec), args.data_root, device, progress=True),
+        "noisy classifier": lambda: args.classifier or trained_classifier(spec, args.data_root, device, progress=True),
+        "judge": lambda: trained_judge(args.data_root, device=device),
+    }
+    timings = {}
+    for name, make in makers.items():
+        start = time.perf_counter()
+        timings[name] = (make(), round(time.perf_counter() - start, 1))
+        print(f"{name}: {timings[name][0]} ({timings[name][1]} s)", flush=True)
+    return timings
 
 
 def main() -> None:
@@ -67,51 +82,29 @@ def main() -> None:
 
     device = resolve_device("auto")
     spec = resolve_run(args.profile)
-    timings = {}
-    for name, make in (("unconditional model", lambda: trained_checkpoint(spec, args.data_root, device, progress=True)),
-                       ("conditional model", lambda: trained_checkpoint(class_conditional(spec), args.data_root,
-                                                                        device, progress=True)),
-                       ("noisy classifier", lambda: args.classifier or trained_classifier(spec, args.data_root, device,
-                                                                                           progress=True)),
-                       ("judge", lambda: trained_judge(args.data_root, RESULTS / "digit_classifier.pt", device))):
-        start = time.perf_counter()
-        timings[name] = (make(), round(time.perf_counter() - start, 1))
-        print(f"{name}: {timings[name][0]} ({timings[name][1]} s)", flush=True)
-
+    timings = trained_models(args, spec, device)
     judge_model = load_digit_classifier(timings["judge"][0]).to(device)
-    unconditional = load_checkpoint(timings["unconditional model"][0])
-    conditional = load_checkpoint(timings["conditional model"][0])
-    classifier, diffusion = load_noisy_classifier(timings["noisy classifier"][0], device)
-    schedule = NoiseSchedule.from_config(unconditional.diffusion_config).to(device)
-    image_shape = (spec.model.in_channels, spec.model.image_size, spec.model.image_size)
-    if args.classifier and diffusion != unconditional.diffusion_config:
-        raise SystemExit(f"{args.classifier} was trained for {diffusion}, not {unconditional.diffusion_config}")
     labels = torch.arange(args.num) % 10
-    options = dict(sampler=args.sampler, num_steps=args.steps if args.sampler == "ddim" else None, eta=args.eta)
+    sampler = SamplerConfig(args.sampler, args.steps if args.sampler == "ddim" else None, eta=args.eta)
 
-    def draw(fn) -> tuple[torch.Tensor, float]:
-        """fn(x_T, y, generator) on batches of labels, from the same noise for every setting."""
-        start, out = time.perf_counter(), []
-        generator = make_generator(args.seed, device)
-        for y in labels.split(args.batch):
-            x_T = torch.randn(len(y), *image_shape, generator=generator, device=device)
-            out.append(fn(x_T, y.to(device), generator).samples.cpu())
-        return torch.cat(out), time.perf_counter() - start
+    def draw(checkpoint, **guidance) -> tuple[torch.Tensor, float]:
+        """The samples for `labels` (the same starting noise for every setting) and their time."""
+        start = time.perf_counter()
+        samples = torch.cat(list(generate(checkpoint, args.num, sampler, labels, batch_size=args.batch, seed=args.seed,
+                                          device=device, **guidance)))
+        return samples, time.perf_counter() - start
 
     rows = []
-    model = unconditional.build_model().to(device)
+    unconditional = load_checkpoint(timings["unconditional model"][0])
     for s in args.scales:
-        samples, seconds = draw(lambda x_T, y, g: classifier_guided_sample(
-            model, schedule, classifier, y, s, image_shape, x_T=x_T, generator=g, **options))
+        samples, seconds = draw(unconditional, classifier=timings["noisy classifier"][0], guidance_scale=s)
         rows.append(score("classifier", s, samples, labels, judge_model, seconds, args.tag))
-    model = conditional.build_model().to(device)
+    conditional = load_checkpoint(timings["conditional model"][0])
     for w in args.weights:
-        guided = ClassifierFreeGuidance(model, w)
-        samples, seconds = draw(lambda x_T, y, g: sample(guided, schedule, x_T.shape, x_T=x_T, y=y, generator=g,
-                                                         **options))
+        samples, seconds = draw(conditional, guidance_weight=w)
         rows.append(score("classifier-free", w, samples, labels, judge_model, seconds, args.tag))
     write_results(f"guidance_accuracy{args.tag}", {
-        "machine": machine(), "profile": args.profile, "sampler": options, "num_per_scale": args.num,
+        "machine": machine(), "profile": args.profile, "sampler": to_dict(sampler), "num_per_scale": args.num,
         "models": {name: {"path": str(path), "seconds_to_get": secs} for name, (path, secs) in timings.items()},
         "classifier_training": torch.load(timings["noisy classifier"][0], weights_only=True)["metadata"],
         "rows": rows,

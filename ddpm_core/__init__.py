@@ -2,7 +2,7 @@
 
 Modules, in the order data flows: config -> schedule -> diffusion (forward process, loss) ->
 layers / unet / denoisers (the model) -> training -> sampling (DDPM, DDIM) -> classifier / guidance
--> plotting / widgets -> cli.
+-> generation (N images from a checkpoint) -> evaluation -> plotting / widgets -> cli.
 """
 
 from ddpm_core.config import DiffusionConfig, ModelConfig
@@ -23,9 +23,20 @@ __all__ = [
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
+    "generate",
     "loss_simple",
     "predict_x0_from_eps",
     "q_posterior",
     "q_sample",
     "sample",
 ]
+
+
+def __getattr__(name: str):
+    """`ddpm_core.generate` on first use: it brings in checkpoints, guidance and plotting, which
+    `import ddpm_core` (and the presets in ddpm_core.profiles) should not pay for."""
+    if name == "generate":
+        from ddpm_core.generation import generate
+
+        return generate
+    raise AttributeError(f"module 'ddpm_core' has no attribute {name!r}")

@@ -239,9 +239,9 @@ class SamplerConfig:
         for value, kind, what in ((self.sampler, SamplerName, "sampler"), (self.variance, VarianceName, "variance"),
                                   (self.spacing, SpacingName, "spacing")):
             check_choice(value, kind, what)
-        check_types(self)
-        if self.eta < 0:
+        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: DDPM-like), got {self.eta}")
+        check_types(self)
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"num_steps must be at least 1 (or None: {DDIM_STEPS} for DDIM), got {self.num_steps}")
 

@@ -29,15 +29,11 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from tqdm.auto import tqdm
 
-from ddpm_core.checkpoint import Checkpoint, atomic_save, safe_load
-from ddpm_core.config import MetricName, check_choice
-from ddpm_core.data import DatasetName, make_dataset
+from ddpm_core.checkpoint import atomic_save, safe_load
+from ddpm_core.config import DatasetName, MetricName, check_choice
+from ddpm_core.data import make_dataset
 from ddpm_core.judge import DigitClassifier, load_digit_classifier
-from ddpm_core.guidance import ClassifierFreeGuidance
 from ddpm_core.plotting import to_uint8
-from ddpm_core.runtime import make_generator
-from ddpm_core.sampling import sample
-from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +183,7 @@ class Evaluator:
         if metric == "mnist" and dataset != "mnist":
             raise ValueError(f"the mnist metric reads 28x28 digits; use --metric inception for {dataset}")
         if metric == "mnist" and judge is None:
-            raise ValueError("the mnist metric needs the judge's file (runs.trained_judge makes one)")
+            raise ValueError("the mnist metric needs the judge's file (classifier_runs.trained_judge makes one)")
         self.metric, self.dataset, self.data_root = metric, dataset, data_root
         self.device, self.batch_size, self.progress = torch.device(device), batch_size, progress
         extractor = (DigitFeatures(load_digit_classifier(judge)) if metric == "mnist"
@@ -254,31 +250,3 @@ class Evaluator:
         train = num_images > test_size
         batches = dataset_batches(self.dataset, self.data_root, train, num_images, self.batch_size, seed)
         return {**self.score(batches, seed=seed), "split": "train" if train else "test"}
-
-
-def generated_batches(checkpoint: Checkpoint, num_samples: int, batch_size: int = 256, use_ema: bool = True,
-                      guidance_weight: float | None = None, seed: int = 0, device: str | torch.device = "cpu",
-                      progress: bool = False, **sample_options) -> Iterator[torch.Tensor]:
-    """`num_samples` images from a checkpoint as uint8 batches (B, C, H, W) on the CPU.
-
-    sample_options: those of `sampling.sample` (sampler, num_steps, variance, eta, amp, ...).
-    One generator seeded with `seed` drives every batch. A class-conditional model draws the
-    classes in turn (0, 1, ..., K-1, 0, ...), classifier-free guided by `guidance_weight`.
-    """
-    device = torch.device(device)
-    model = checkpoint.build_model(use_ema=use_ema).to(device)
-    num_classes = checkpoint.model_config.num_classes
-    if num_classes is not None and guidance_weight is not None:
-        model = ClassifierFreeGuidance(model, guidance_weight)
-    schedule = NoiseSchedule.from_config(checkpoint.diffusion_config)
-    config = checkpoint.model_config
-    generator = make_generator(seed, device)
-    bar = tqdm(total=num_samples, desc="samples", disable=not progress)
-    for first in range(0, num_samples, batch_size):
-        size = min(batch_size, num_samples - first)
-        y = torch.arange(first, first + size) % num_classes if num_classes is not None else None
-        result = sample(model, schedule, (size, config.in_channels, config.image_size, config.image_size),
-                        y=y, generator=generator, progress=progress, **sample_options)
-        bar.update(size)
-        yield to_uint8(result.samples)
-    bar.close()

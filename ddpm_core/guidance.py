@@ -5,21 +5,19 @@ adds the gradient of a noise-aware classifier's log p_phi(y | x_t) to each rever
 unconditional model; the steps themselves take it as `guidance_grad` (`ddpm_step` shifts the
 mean, `ddim_step` the predicted noise). Classifier-free guidance (Ho & Salimans 2022) mixes
 the predictions of one class-conditional model with and without its label. The classifier
-is `ddpm_core.classifier`'s; the samplers are `ddpm_core.sampling`'s.
+is `ddpm_core.classifier`'s; the samplers are `ddpm_core.sampling`'s; drawing guided images
+from a checkpoint is `ddpm_core.generation`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ddpm_core.classifier import NoisyClassifier
-from ddpm_core.diffusion import Denoiser
-from ddpm_core.sampling import GuidanceFn, SampleOutput, sample
-from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.sampling import GuidanceFn
 
 
 def classifier_grad(classifier: NoisyClassifier, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,15 +49,6 @@ def classifier_guidance(classifier: NoisyClassifier, y: torch.Tensor, scale: flo
         return scale * classifier_grad(classifier, x_t, t, y.to(x_t.device))
 
     return guidance
-
-
-def classifier_guided_sample(model: Denoiser, schedule: NoiseSchedule, classifier: NoisyClassifier,
-                             y: torch.Tensor, scale: float, image_shape: Sequence[int], **sample_options
-                             ) -> SampleOutput:
-    """One sample per label of y (B,) from an unconditional `model`, classifier-guided at
-    `scale`; `sample_options` are `sample`'s (sampler, num_steps, variance, eta, generator, ...)."""
-    return sample(model, schedule, (len(y), *image_shape), guidance=classifier_guidance(classifier, y, scale),
-                  **sample_options)
 
 
 class ClassifierFreeGuidance(nn.Module):

@@ -21,7 +21,11 @@ from ddpm_core.schedule import NoiseSchedule
 
 
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
-    """Map model space [-1, 1] to image space [0, 1], clipping what lies outside."""
+    """Map model space [-1, 1] to image space [0, 1], clipping what lies outside; uint8 images
+    (as `ddpm_core.generate` yields and files store them) map [0, 255] to [0, 1]. Every picture
+    below goes through this, so each takes either."""
+    if images.dtype == torch.uint8:
+        return images.detach().cpu().float() / 255
     return ((images.detach().float().cpu() + 1) / 2).clamp(0, 1)
 
 
@@ -32,13 +36,13 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def image_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
-    """A (3, H', W') grid in [0, 1] of images (B, C, H, W) in [-1, 1] (torchvision's make_grid)."""
+    """A (3, H', W') grid in [0, 1] of images (B, C, H, W) in [-1, 1] or uint8 (torchvision's make_grid)."""
     nrow = nrow or max(1, int(math.ceil(math.sqrt(images.shape[0]))))
     return torchvision.utils.make_grid(to_unit_range(images), nrow=nrow, padding=padding, pad_value=1.0)
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Write images (B, C, H, W) in [-1, 1] as one PNG grid, atomically (`files.atomic_path`);
+    """Write images (B, C, H, W) in [-1, 1] or uint8 as one PNG grid, atomically (`files.atomic_path`);
     creates the folder. Returns the path."""
     with atomic_path(path) as tmp:
         torchvision.utils.save_image(image_grid(images, nrow), tmp)
@@ -75,7 +79,7 @@ def plot_schedules(schedules: dict[str, NoiseSchedule]) -> Figure:
 
 def plot_image_table(images: torch.Tensor, column_titles: list[str], row_titles: list[str] | None = None,
                      size: float = 1.2) -> Figure:
-    """A table of images (R, K, C, H, W) in [-1, 1]: R rows, K columns, titled. Used for x_t at
+    """A table of images (R, K, C, H, W) in [-1, 1] or uint8: R rows, K columns, titled. Used for x_t at
     chosen t (forward process) and for x_t / x0_pred along the reverse chain."""
     rows, cols = images.shape[:2]
     fig = Figure(figsize=(size * cols, size * rows + 0.4), layout="constrained")
@@ -129,7 +133,7 @@ def plot_timestep_embedding(embedding: torch.Tensor, timesteps: torch.Tensor) ->
 
 def save_gif(frames: torch.Tensor, path: str | Path, nrow: int | None = None, frame_ms: int = 80,
              hold_last_ms: int = 1500) -> Path:
-    """An animated GIF of frames (K, B, C, H, W) in [-1, 1], each frame an image grid of the
+    """An animated GIF of frames (K, B, C, H, W) in [-1, 1] or uint8, each frame an image grid of the
     batch (e.g. the reverse chain x_T -> x_0). The last frame is held for `hold_last_ms`."""
     from PIL import Image
 
@@ -144,7 +148,7 @@ def save_gif(frames: torch.Tensor, path: str | Path, nrow: int | None = None, fr
 
 
 def plot_image_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, scale: float = 0.4) -> Figure:
-    """Images (B, C, H, W) in [-1, 1] as one grid in a figure, `nrow` images per row."""
+    """Images (B, C, H, W) in [-1, 1] or uint8 as one grid in a figure, `nrow` images per row."""
     grid = image_grid(images, nrow).permute(1, 2, 0)  # (H', W', 3)
     fig = Figure(figsize=(scale * grid.shape[1] / 10, scale * grid.shape[0] / 10 + (0.3 if title else 0)),
                  layout="constrained")

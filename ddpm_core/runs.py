@@ -3,34 +3,24 @@ one folder per configuration, so that the command line and every notebook train 
 find it again.
 
 This module owns the resolution of a run's settings and where its files live; the
-optimisation loop is `ddpm_core.training`'s, the file format `ddpm_core.checkpoint`'s.
+optimisation loop is `ddpm_core.training`'s, the file format `ddpm_core.checkpoint`'s, the
+classifiers trained for a run (guidance, the judge) `ddpm_core.classifier_runs`'.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
 from ddpm_core.checkpoint import load_checkpoint, stored_config
-from ddpm_core.classifier import (
-    NoisyClassifier, accuracy_by_timestep, classifier_model_config, save_noisy_classifier,
-    train_noisy_classifier,
-)
-from ddpm_core.config import (
-    ClassifierConfig, DatasetName, DiffusionConfig, ModelConfig, RunSpec, TrainConfig, check_choice, replace, to_dict,
-)
+from ddpm_core.config import DatasetName, RunSpec, TrainConfig, check_choice, replace
 from ddpm_core.data import SHAPES, make_dataset
 from ddpm_core.distributed import Distributed
-from ddpm_core.judge import classifier_accuracy, save_digit_classifier, train_digit_classifier
 from ddpm_core.profiles import PROFILES, default_profile, get_profile
 from ddpm_core.runtime import configure_threads, resolve_device
-from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.training import RESUMABLE, Trainer, TrainResult, resume_conflicts
 
 log = logging.getLogger(__name__)
@@ -166,54 +156,3 @@ def class_conditional(spec: RunSpec, label_dropout: float = 0.1) -> RunSpec:
         raise ValueError(f"classifier-free guidance needs labelled data (mnist or cifar10), not {spec.dataset!r}")
     return replace(spec, model=replace(spec.model, num_classes=10),
                    train=replace(spec.train, label_dropout=label_dropout))
-
-
-def train_classifier(model_config: ModelConfig, diffusion: DiffusionConfig, dataset: DatasetName,
-                     config: ClassifierConfig, out: str | Path, data_root: str | Path | None = None,
-                     device: str | torch.device = "cpu", progress: bool = False, eval_images: int = 1000) -> dict:
-    """Train a noise-aware classifier for a diffusion (`diffusion`'s schedule and T, the image
-    shape of `model_config`) and write it to `out`. Returns its metadata: training time, final
-    loss, and the accuracy on `eval_images` noised test images at 11 values of t."""
-    classifier = NoisyClassifier(classifier_model_config(model_config))
-    shape = dict(image_size=model_config.image_size, channels=model_config.in_channels)
-    schedule = NoiseSchedule.from_config(diffusion)
-    start = time.perf_counter()
-    losses = train_noisy_classifier(classifier, schedule, make_dataset(dataset, data_root, **shape), config,
-                                    device, progress)
-    metadata = {"steps": config.steps, "batch_size": config.batch_size, "seconds": round(time.perf_counter() - start, 1),
-                "final_loss": sum(losses[-50:]) / len(losses[-50:])}
-    if eval_images:
-        test = make_dataset(dataset, data_root, train=False, flip=False, **shape)
-        n = min(eval_images, len(test))
-        x0, y = torch.stack([test[i][0] for i in range(n)]), torch.tensor([test[i][1] for i in range(n)])
-        timesteps = sorted({int(t) for t in torch.linspace(0, diffusion.num_timesteps - 1, 11).round()})
-        accuracy = accuracy_by_timestep(classifier, schedule, x0, y, timesteps, torch.Generator(device).manual_seed(0))
-        metadata["test_accuracy_by_t"] = {t: round(a, 4) for t, a in zip(timesteps, accuracy)}
-    save_noisy_classifier(classifier.cpu(), diffusion, out, metadata)
-    return metadata
-
-
-def trained_classifier(spec: RunSpec, data_root: str | Path | None = None, device: str | torch.device = "cpu",
-                       root: str | Path | None = None, progress: bool = False) -> Path:
-    """The noise-aware classifier for `spec`'s diffusion (its schedule, T and image shape),
-    trained with the profile's `ClassifierConfig` now if missing, else found on disk."""
-    config = get_profile(spec.profile).classifier
-    key = hashlib.sha256(json.dumps([to_dict(config), to_dict(spec.diffusion)], sort_keys=True).encode()).hexdigest()
-    path = run_dir(spec, root) / f"noisy_classifier-{key[:8]}.pt"
-    if path.is_file():
-        log.info("using the cached classifier %s", path)
-        return path
-    train_classifier(spec.model, spec.diffusion, spec.dataset, config, path, data_root, device, progress, eval_images=500)
-    return path
-
-
-def trained_judge(data_root: str | Path | None = None, path: str | Path | None = None,
-                  device: str | torch.device = "cpu", progress: bool = False) -> Path:
-    """The clean-MNIST judge (`ddpm_core.judge`) at `path` (default: runs/mnist_judge.pt),
-    trained for one epoch now if missing, with its test accuracy in the file's metadata."""
-    path = Path(path) if path is not None else runs_root() / "mnist_judge.pt"
-    if path.is_file():
-        return path
-    model = train_digit_classifier(make_dataset("mnist", data_root), epochs=1, device=device, progress=progress)
-    accuracy = classifier_accuracy(model, make_dataset("mnist", data_root, train=False))
-    return save_digit_classifier(model.cpu(), path, {"test_accuracy": accuracy})

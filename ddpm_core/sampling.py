@@ -9,9 +9,11 @@ lines that a notebook can write itself:
         eps_pred = model(x, torch.full((len(x),), t))
         x = ddpm_step(schedule, eps_pred, x, t, generator=generator).x_prev
 
-`ddpm_sample` and `ddim_sample` are that loop with trajectories, progress bars, eval mode and
-`torch.no_grad()` added, and an optional guidance gradient (see `ddpm_core.guidance`). t is
-0-indexed (index t is the paper's step t + 1).
+`sample` is that loop, for either sampler, with an optional guidance gradient (see
+`ddpm_core.guidance`), trajectories, a progress bar, eval mode and `torch.no_grad()` added;
+`ddpm_sample` and `ddim_sample` are `sample` with the sampler named. Drawing many images from
+a checkpoint, in batches, guided or not, is `ddpm_core.generation`'s. t is 0-indexed (index t
+is the paper's step t + 1).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import NamedTuple
 import torch
 from tqdm.auto import tqdm
 
-from ddpm_core.config import SamplerName, SpacingName, VarianceName, check_choice
+from ddpm_core.config import DDIM_STEPS, SamplerConfig, SamplerName, SpacingName, VarianceName, check_choice
 from ddpm_core.diffusion import Denoiser, predict_eps_from_x0, predict_x0_from_eps, q_posterior
 from ddpm_core.schedule import NoiseSchedule
 
@@ -173,95 +175,63 @@ def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: SpacingName = "u
     return steps
 
 
-def ddpm_sample(
-    model: Denoiser,
-    schedule: NoiseSchedule,
-    shape: Sequence[int],
-    variance: VarianceName = "fixedlarge",
-    clip_denoised: bool = True,
-    **loop_options,
-) -> SampleOutput:
-    """Draw samples with all T ancestral steps of Ho et al. 2020, Alg. 2.
-
-    `loop_options` are those of `reverse_loop`: y, x_T, generator, device, trajectory_steps,
-    progress, amp, guidance.
-    """
-    check_choice(variance, VarianceName, "variance")
-    pairs = [(t, t - 1) for t in reversed(range(schedule.num_timesteps))]  # [(T-1, T-2), ..., (0, -1)]
-
-    def step(eps_pred, x_t, t, t_prev, generator, grad):
-        return ddpm_step(schedule, eps_pred, x_t, t, variance, clip_denoised, generator=generator, guidance_grad=grad)
-
-    return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
+def timestep_pairs(num_timesteps: int, sampler: SamplerName = "ddpm", num_steps: int | None = None,
+                   spacing: SpacingName = "uniform") -> list[tuple[int, int]]:
+    """The (t, t_prev) steps a sampler takes, from the noisiest: DDPM [(T-1, T-2), ..., (0, -1)],
+    DDIM [(tau_{S-1}, tau_{S-2}), ..., (tau_0, -1)] with S = `num_steps` (None: DDIM_STEPS)."""
+    check_choice(sampler, SamplerName, "sampler")
+    if sampler == "ddpm":
+        if num_steps not in (None, num_timesteps):
+            raise ValueError(f"the DDPM sampler takes all T = {num_timesteps} steps; "
+                             f"use sampler='ddim' for {num_steps} steps")
+        return [(t, t - 1) for t in reversed(range(num_timesteps))]
+    taus = ddim_timesteps(num_timesteps, DDIM_STEPS if num_steps is None else num_steps, spacing)
+    return list(zip(reversed(taus), [*reversed(taus[:-1]), -1]))
 
 
-def ddim_sample(
-    model: Denoiser,
-    schedule: NoiseSchedule,
-    shape: Sequence[int],
-    num_steps: int = 50,
-    eta: float = 0.0,
-    spacing: SpacingName = "uniform",
-    clip_denoised: bool = True,
-    **loop_options,
-) -> SampleOutput:
-    """Draw samples with S = `num_steps` DDIM steps (Song et al. 2021, Eq. 12).
-
-    `loop_options` are those of `reverse_loop`.
-    """
-    if not (math.isfinite(eta) and eta >= 0):
-        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic, 1: DDPM-like), got {eta}")
-    taus = ddim_timesteps(schedule.num_timesteps, num_steps, spacing)
-    pairs = list(zip(reversed(taus), [*reversed(taus[:-1]), -1]))  # [(tau_{S-1}, tau_{S-2}), ..., (tau_0, -1)]
-
-    def step(eps_pred, x_t, t, t_prev, generator, grad):
-        return ddim_step(schedule, eps_pred, x_t, t, t_prev, eta, clip_denoised, generator=generator,
-                         guidance_grad=grad)
-
-    return reverse_loop(model, schedule, shape, pairs, step, **loop_options)
-
-
-# step(eps_pred, x_t, t, t_prev, generator, guidance_grad or None) -> StepOutput
-StepFn = Callable[[torch.Tensor, torch.Tensor, int, int, "torch.Generator | None", "torch.Tensor | None"], StepOutput]
 # guidance(x_t, t (B,)) -> g (B, C, H, W), e.g. s * grad log p(y | x_t); see ddpm_core.guidance
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()  # not inference_mode: guidance takes gradients (under enable_grad) in the loop
-def reverse_loop(
+def sample(
     model: Denoiser,
     schedule: NoiseSchedule,
     shape: Sequence[int],
-    pairs: Sequence[tuple[int, int]],
-    step: StepFn,
+    sampler: SamplerName = "ddpm",
+    num_steps: int | None = None,
+    variance: VarianceName = "fixedlarge",
+    eta: float = 0.0,
+    spacing: SpacingName = "uniform",
+    clip_denoised: bool = True,
+    amp: bool = False,
     y: torch.Tensor | None = None,
     x_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    guidance: GuidanceFn | None = None,
     trajectory_steps: Iterable[int] | None = None,
     progress: bool = False,
-    amp: bool = False,
-    guidance: GuidanceFn | None = None,
 ) -> SampleOutput:
-    """Run `step` over the (t, t_prev) `pairs`, starting from x_T ~ N(0, I) of `shape`.
+    """Draw x_0 of `shape` from x_T ~ N(0, I): the module docstring's loop, for either sampler.
 
-    y: class labels (B,) for a class-conditional model. generator: drives every random draw
-    (it must live on `device`). device: defaults to the model's. trajectory_steps: the t at
-    which to keep x_t and x0_pred (for pictures). amp: run the model under bfloat16 autocast
-    (worth it on recent GPUs; the step arithmetic stays float32). guidance: called on
-    (x_t, t) at every step; its result is the step's `guidance_grad`.
+    The sampler settings are `SamplerConfig`'s (checked by it): "ddpm" takes all T steps of
+    Ho et al. 2020, Alg. 2 with `variance`; "ddim" takes S = `num_steps` (default 50) steps of
+    Song et al. 2021 with `eta` and `spacing`. amp: the model under bfloat16 autocast (GPUs;
+    the step arithmetic stays float32). y: class labels (B,) for a class-conditional model.
+    generator: drives every random draw (it must live on `device`, which defaults to the
+    model's). guidance: called on (x_t, t) at every step; its result is the step's
+    `guidance_grad`. trajectory_steps: the t at which to keep x_t and x0_pred (for pictures).
     """
+    SamplerConfig(sampler, num_steps, variance, eta, spacing, clip_denoised, amp)  # refuses bad settings
+    pairs = timestep_pairs(schedule.num_timesteps, sampler, num_steps, spacing)
     if device is None:
         device = next(iter(model.parameters())).device if isinstance(model, torch.nn.Module) else "cpu"
     device = torch.device(device)
     schedule = schedule.to(device)
-    if x_T is None:
-        x_T = torch.randn(tuple(shape), generator=generator, device=device)
-    x = x_T.to(device)
-    if y is not None:
-        y = y.to(device)
-    keep = set(trajectory_steps or ())
-    recorded: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    x = (torch.randn(tuple(shape), generator=generator, device=device) if x_T is None else x_T).to(device)
+    y = y.to(device) if y is not None else None
+    keep, recorded = set(trajectory_steps or ()), []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
     with _eval_mode(model):
@@ -270,19 +240,24 @@ def reverse_loop(
             with autocast:
                 eps_pred = model(x, t_batch, y).float()
             grad = guidance(x, t_batch) if guidance is not None else None
-            x_next, x0_pred = step(eps_pred, x, t, t_prev, generator, grad)
+            if sampler == "ddpm":
+                step = ddpm_step(schedule, eps_pred, x, t, variance, clip_denoised, generator=generator,
+                                 guidance_grad=grad)
+            else:
+                step = ddim_step(schedule, eps_pred, x, t, t_prev, eta, clip_denoised, generator=generator,
+                                 guidance_grad=grad)
             if t in keep:
-                recorded.append((t, x.cpu(), x0_pred.cpu()))
-            x = x_next
+                recorded.append((t, x.cpu(), step.x0_pred.cpu()))
+            x = step.x_prev
+    return SampleOutput(x, _trajectory(recorded, x.shape) if keep else None)
 
-    trajectory = None
-    if keep:
-        trajectory = Trajectory(
-            timesteps=[t for t, _, _ in recorded],
-            x_t=torch.stack([x_t for _, x_t, _ in recorded]) if recorded else torch.empty(0, *x.shape),
-            x0_pred=torch.stack([x0 for _, _, x0 in recorded]) if recorded else torch.empty(0, *x.shape),
-        )
-    return SampleOutput(x, trajectory)
+
+def _trajectory(recorded: list[tuple[int, torch.Tensor, torch.Tensor]], shape: torch.Size) -> Trajectory:
+    """The (t, x_t, x0_pred) kept along the way, stacked."""
+    if not recorded:
+        return Trajectory([], torch.empty(0, *shape), torch.empty(0, *shape))
+    return Trajectory([t for t, _, _ in recorded], torch.stack([x_t for _, x_t, _ in recorded]),
+                      torch.stack([x0 for _, _, x0 in recorded]))
 
 
 @contextlib.contextmanager
@@ -298,27 +273,15 @@ def _eval_mode(model: Denoiser):
             model.train()
 
 
-def sample(
-    model: Denoiser,
-    schedule: NoiseSchedule,
-    shape: Sequence[int],
-    sampler: SamplerName = "ddpm",
-    num_steps: int | None = None,
-    variance: VarianceName = "fixedlarge",
-    eta: float = 0.0,
-    spacing: SpacingName = "uniform",
-    clip_denoised: bool = True,
-    **loop_options,
-) -> SampleOutput:
-    """Either sampler by name: "ddpm" (all T steps; `num_steps` must be None or T) or "ddim"
-    (`num_steps` S, default 50)."""
-    check_choice(sampler, SamplerName, "sampler")
-    if sampler == "ddpm":
-        if num_steps not in (None, schedule.num_timesteps):
-            raise ValueError(
-                f"the DDPM sampler takes all T = {schedule.num_timesteps} steps; "
-                f"use sampler='ddim' for {num_steps} steps"
-            )
-        return ddpm_sample(model, schedule, shape, variance, clip_denoised, **loop_options)
-    num_steps = 50 if num_steps is None else num_steps  # 0 is refused by ddim_timesteps, not replaced
-    return ddim_sample(model, schedule, shape, num_steps, eta, spacing, clip_denoised, **loop_options)
+def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], variance: VarianceName = "fixedlarge",
+                clip_denoised: bool = True, **options) -> SampleOutput:
+    """`sample` with all T ancestral steps (Ho et al. 2020, Alg. 2); `options` are sample's."""
+    return sample(model, schedule, shape, "ddpm", variance=variance, clip_denoised=clip_denoised, **options)
+
+
+def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int], num_steps: int = DDIM_STEPS,
+                eta: float = 0.0, spacing: SpacingName = "uniform", clip_denoised: bool = True,
+                **options) -> SampleOutput:
+    """`sample` with S = `num_steps` DDIM steps (Song et al. 2021, Eq. 12); `options` are sample's."""
+    return sample(model, schedule, shape, "ddim", num_steps, eta=eta, spacing=spacing, clip_denoised=clip_denoised,
+                  **options)

@@ -2,8 +2,6 @@
 forms, the cached reference statistics, the Inception weights' errors, and the evaluate command."""
 
 import json
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 from unittest import mock
@@ -22,6 +20,7 @@ from ddpm_core.evaluation import (
 )
 from ddpm_core.judge import DigitClassifier, save_digit_classifier
 from ddpm_core.plotting import to_uint8
+from conftest import run_main
 from fake_data import write_fake_cifar10, write_fake_mnist
 
 
@@ -174,20 +173,16 @@ def test_cifar10_reference_through_torchvision_and_inception(tmp_path, inception
     assert floor["split"] == "test" and np.isfinite(floor["fid"])
 
 
-def run_cli(*args: str):
-    return subprocess.run([sys.executable, "-m", "ddpm_core", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_file, tmp_path):
+def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_file, tmp_path, capsys, fixed_threads):
     from ddpm_core.runs import resolve_run, train_run
 
     checkpoint = train_run(resolve_run("smoke", steps=2, sample_every=0), tmp_path / "run", mnist_root).checkpoint
     common = ("--checkpoint", str(checkpoint), "--num-samples", "6", "--batch-size", "4", "--data-root",
               str(mnist_root), "--stats-dir", str(tmp_path / "stats"), "--judge", str(judge_file), "--no-progress")
-    result = run_cli("evaluate", *common, "--sampler", "ddim", "--steps", "3", "--out", str(tmp_path / "m.json"))
-    assert result.returncode == 0, result.stderr
+    code, out, err = run_main(capsys, "evaluate", *common, "--sampler", "ddim", "--steps", "3", "--out", tmp_path / "m.json")
+    assert code == 0, err
     report = json.loads((tmp_path / "m.json").read_text())
-    assert report == json.loads(result.stdout)
+    assert report == json.loads(out)
     assert set(report) == {
         "metric", "feature_extractor", "fid", "inception_score", "inception_score_std", "num_samples", "checkpoint",
         "checkpoint_step", "ema", "sampler", "steps", "variance", "eta", "spacing", "guidance_weight", "seed",
@@ -200,19 +195,19 @@ def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_f
     assert report["floor"]["num_images"] == 6 and report["floor"]["split"] == "test"
     assert report["fid"] > 0 and report["floor"]["fid"] > 0
 
-    result = run_cli("evaluate", *common, "--metric", "inception", "--inception-weights", str(inception_file),
-                     "--sampler", "ddpm", "--variance", "fixedsmall", "--no-ema", "--no-floor",
-                     "--out", str(tmp_path / "inception.json"))
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert (report["metric"], report["steps"], report["variance"], report["ema"]) == ("inception", 100, "fixedsmall", False)
-    assert "floor" not in report and "note" not in report
+    # the other sampler and no EMA (the Inception features themselves: test_cifar10_reference_... above)
+    code, out, err = run_main(capsys, "evaluate", *common, "--sampler", "ddpm", "--variance", "fixedsmall", "--no-ema",
+                              "--no-floor", "--out", tmp_path / "ddpm.json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert (report["metric"], report["steps"], report["variance"], report["ema"]) == ("mnist", 100, "fixedsmall", False)
+    assert "floor" not in report and report["eta"] is None and report["spacing"] is None
 
     for args, message in [
         (("--num-samples", "1"), ">= 2"),
         (("--sampler", "ddpm", "--steps", "10"), "use sampler='ddim'"),
         (("--metric", "inception", "--inception-weights", str(tmp_path / "none.pth")), "no Inception weights at"),
     ]:
-        result = run_cli("evaluate", *common, *args, "--out", str(tmp_path / "never.json"))
-        assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        code, _, err = run_main(capsys, "evaluate", *common, *args, "--out", tmp_path / "never.json")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "never.json").exists()

@@ -10,8 +10,11 @@ from ddpm_core.classifier import (
     save_noisy_classifier, train_noisy_classifier,
 )
 from ddpm_core.config import DiffusionConfig, replace
-from ddpm_core.guidance import ClassifierFreeGuidance, classifier_grad, classifier_guidance, classifier_guided_sample
-from ddpm_core.runs import class_conditional, resolve_run, trained_classifier
+from ddpm_core.classifier_runs import trained_classifier
+from ddpm_core.config import SamplerConfig
+from ddpm_core.generation import generate
+from ddpm_core.guidance import ClassifierFreeGuidance, classifier_grad, classifier_guidance
+from ddpm_core.runs import class_conditional, resolve_run
 from ddpm_core.sampling import ddim_step, ddpm_step, sample
 from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.training import TrainConfig, Trainer
@@ -90,15 +93,14 @@ def test_scale_zero_samples_exactly_as_unguided(sampler):
     torch.manual_seed(4)
     model = UNet(TINY).eval()
     classifier = NoisyClassifier(TINY, num_classes=10)
-    y = torch.tensor([3, 7])
-    options = dict(sampler=sampler, num_steps=10 if sampler == "ddim" else None, eta=1.0)
-    plain = sample(model, SCHEDULE, (2, 1, 8, 8), generator=torch.Generator().manual_seed(5), **options).samples
-    guided = classifier_guided_sample(model, SCHEDULE, classifier, y, 0.0, (1, 8, 8),
-                                      generator=torch.Generator().manual_seed(5), **options).samples
-    torch.testing.assert_close(guided, plain)
-    steered = classifier_guided_sample(model, SCHEDULE, classifier, y, 50.0, (1, 8, 8),
-                                       generator=torch.Generator().manual_seed(5), **options).samples
-    assert not torch.allclose(steered, plain)
+    config = SamplerConfig(sampler, 10 if sampler == "ddim" else None, eta=1.0)
+
+    def images(**guidance):
+        return torch.cat(list(generate(model, 2, config, schedule=SCHEDULE, seed=5, **guidance)))
+
+    plain = images()
+    torch.testing.assert_close(images(labels=[3, 7], classifier=classifier, guidance_scale=0.0), plain)
+    assert not torch.equal(images(labels=[3, 7], classifier=classifier, guidance_scale=50.0), plain)
 
 
 def test_guidance_raises_the_requested_class_probability():
@@ -229,10 +231,9 @@ def test_the_classifier_is_trained_once_per_configuration(dataset, tmp_path, fak
     # and it guides a class-conditional sampler's unconditional counterpart on that data
     model = UNet(spec.model).eval()
     y = torch.tensor([0, 9])
-    out = classifier_guided_sample(model, NoiseSchedule.from_config(spec.diffusion), classifier, y, 2.0,
-                                   (spec.model.in_channels, spec.model.image_size, spec.model.image_size),
-                                   sampler="ddim", num_steps=5)
-    assert out.samples.shape == (2, spec.model.in_channels, spec.model.image_size, spec.model.image_size)
+    (out,) = generate(model, 2, SamplerConfig("ddim", 5), y, schedule=NoiseSchedule.from_config(spec.diffusion),
+                      classifier=classifier, guidance_scale=2.0)
+    assert out.shape == (2, spec.model.in_channels, spec.model.image_size, spec.model.image_size)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
