@@ -9,11 +9,15 @@ model's, not the data loader's:
     bf16-cl  ... and channels_last
     fast     ... and torch.compile (compile time reported apart, not in images/s)
 
-It reports images/s, peak GPU memory, the hours 800,000 steps at the paper's batch of 128
-would take, and sampling speed (the EMA model's forward in inference mode: images/s for
-DDPM-1000 and DDIM-50). On a GPU: `python benchmarks/bench_train_gpu.py`. Any device runs
-it small, e.g. `--device cpu --profile smoke --batch 8 --configs fp32,bf16-cl` (what the
-tests do).
+What is measured: training images/s and ms a step, peak GPU memory; for sampling with the EMA
+model, the time of one forward (inference mode) and of whole `ddpm_core.sampling.sample`
+runs: DDIM with --sample-steps steps always, DDPM with all T steps with --ddpm (minutes on a
+GPU at the default batch). What is projected, and filed under "projected" with how: the hours
+800,000 steps at the paper's batch of 128 would take at the measured rate, and, without
+--ddpm, DDPM-T images/s from the measured DDIM time a step (a DDPM step costs one forward
+too). On a GPU: `python benchmarks/bench_train_gpu.py`. Any device runs it small, e.g.
+`--device cpu --profile smoke --batch 8 --configs fp32,bf16-cl --sample-steps 2` (what the
+tests do; bfloat16 autocast applies on CUDA only, and each result says whether it was on).
 """
 
 from __future__ import annotations
@@ -21,13 +25,16 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from common import RESULTS, time_call, write_results
 from ddpm_core.denoisers import build_model, count_parameters
 from ddpm_core.profiles import get_profile
-from ddpm_core.runtime import resolve_device
+from ddpm_core.runtime import make_generator, resolve_device
+from ddpm_core.sampling import sample
+from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.training import Trainer
 
 CONFIGS = {
@@ -37,6 +44,7 @@ CONFIGS = {
     "fast": dict(amp=True, fused_adam=True, channels_last=True, compile=True),
 }
 PAPER_STEPS = 800_000
+FORWARD_T = 500  # the timestep of the single timed forward (the UNet's cost does not depend on t)
 
 
 def train_speed(profile, name: str, batch: int, steps: int, warmup: int, device: torch.device, out) -> dict:
@@ -55,24 +63,44 @@ def train_speed(profile, name: str, batch: int, steps: int, warmup: int, device:
     synchronize(device)
     warmup_s = time.perf_counter() - start
     seconds = time_call(lambda: trainer.train_step(x0, None), steps, warmup=0) if steps else float("nan")
-    result = {"images_per_s": batch / seconds, "step_ms": 1000 * seconds, "warmup_s": warmup_s,
-              "hours_for_800k_steps_at_128": PAPER_STEPS * 128 / (batch / seconds) / 3600}
+    result = {"images_per_s": batch / seconds, "step_ms": 1000 * seconds, "warmup_s": warmup_s}
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    result["projected"] = {"hours_for_800k_steps_at_128": PAPER_STEPS * 128 / (batch / seconds) / 3600,
+                           "how": f"{PAPER_STEPS:,} steps of 128 images at the measured images/s"}
     return result | {"ema_model": trainer.ema.model}
 
 
-def sample_speed(model, profile, batch: int, repeats: int, amp: bool, device: torch.device) -> dict:
-    """Images/s of DDPM-1000 and DDIM-50 from the time of one model evaluation on `batch` images."""
-    shape = (batch, profile.model.in_channels, profile.model.image_size, profile.model.image_size)
-    x_t, t = torch.randn(shape, device=device), torch.full((batch,), 500, device=device)
+def sample_speed(model, schedule: NoiseSchedule, shape: tuple[int, ...], ddim_steps: int, repeats: int, amp: bool,
+                 device: torch.device, ddpm: bool = False) -> dict:
+    """Measured: one forward of the batch at t = FORWARD_T, and whole `sample` runs (median of
+    `repeats` after one untimed run) of DDIM with `ddim_steps` steps and, with `ddpm`, of DDPM
+    with all T steps. Without `ddpm`, DDPM-T images/s is projected from DDIM's time a step."""
+    batch, T = shape[0], schedule.num_timesteps
+    x_t, t = torch.randn(shape, device=device), torch.full((batch,), FORWARD_T, device=device)
 
-    def evaluate():
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp and device.type == "cuda"):
+    def forward():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=amp):
             return model(x_t, t)
-    seconds = time_call(evaluate, repeats)
-    return {"batch": batch, "forward_ms": 1000 * seconds, "ddpm1000_images_per_s": batch / (1000 * seconds),
-            "ddim50_images_per_s": batch / (50 * seconds)}
+
+    def run(sampler: str, steps: int | None) -> dict:
+        generator = make_generator(0, device)
+        seconds = time_call(lambda: sample(model, schedule, shape, sampler=sampler, num_steps=steps, amp=amp,
+                                           generator=generator, device=device), repeats)
+        steps = steps or T
+        return {"steps": steps, "seconds": seconds, "images_per_s": batch / seconds,
+                "ms_per_step": 1000 * seconds / steps}
+
+    result = {"batch": batch, "amp": amp, "forward_ms": 1000 * time_call(forward, repeats),
+              "ddim": run("ddim", ddim_steps)}
+    if ddpm:
+        result["ddpm"] = run("ddpm", None)
+    else:
+        per_step = result["ddim"]["seconds"] / ddim_steps
+        result["projected"] = {"ddpm_images_per_s": batch / (T * per_step),
+                               "how": f"{T} steps at the measured DDIM time a step ({1000 * per_step:.2f} ms); "
+                                      f"measure it with --ddpm"}
+    return result
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,7 +108,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--profile", default="cifar10-paper", help="whose model (default: the paper's CIFAR-10 UNet)")
@@ -89,32 +117,43 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--sample-batch", type=int, default=256)
-    parser.add_argument("--name", default="train_gpu", help="results file: benchmarks/results/NAME.json")
-    args = parser.parse_args()
+    parser.add_argument("--sample-steps", type=int, default=50, help="DDIM steps of the timed sampling runs")
+    parser.add_argument("--sample-repeats", type=int, default=3, help="timed sampling runs (the median is kept)")
+    parser.add_argument("--ddpm", action="store_true", help="also time whole DDPM runs of all T steps")
+    parser.add_argument("--name", default="train_gpu", help="results file: RESULTS/NAME.json")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="results folder (default: benchmarks/results)")
+    args = parser.parse_args(argv)
     names = args.configs.split(",")
     if unknown := set(names) - set(CONFIGS):
         parser.error(f"unknown configs {sorted(unknown)}; valid choices: {', '.join(CONFIGS)}")
     device = resolve_device(args.device)
     profile = get_profile(args.profile)
+    schedule = NoiseSchedule.from_config(profile.diffusion)
+    image = (profile.model.in_channels, profile.model.image_size, profile.model.image_size)
     results = {"profile": args.profile, "parameters": count_parameters(build_model(profile.model)), "batch": args.batch,
                "device": str(device), "train": {}, "sample": {}}
-    out = RESULTS / f"{args.name}_run"  # a Trainer needs a folder; these write nothing into it
+    out = args.results / f"{args.name}_run"  # a Trainer needs a folder; these write nothing into it
     for name in names:
         speed = train_speed(profile, name, args.batch, args.steps, args.warmup, device, out)
         ema_model = speed.pop("ema_model")
         results["train"][name] = speed
-        print(f"train {name:>8}: {speed['images_per_s']:8.1f} images/s, {speed['step_ms']:7.1f} ms a step, "
-              f"800k steps at batch 128: {speed['hours_for_800k_steps_at_128']:6.1f} h "
-              f"(warm-up {speed['warmup_s']:.1f} s)", flush=True)
-        if name in ("fp32", "bf16-cl"):  # sampling in float32 and in bfloat16
-            amp = CONFIGS[name]["amp"]
-            results["sample"][name] = sample_speed(ema_model.eval(), profile, args.sample_batch, 5, amp, device)
-            print(f"sample {name:>7}: DDPM-1000 {results['sample'][name]['ddpm1000_images_per_s']:.2f} images/s, "
-                  f"DDIM-50 {results['sample'][name]['ddim50_images_per_s']:.1f} images/s", flush=True)
+        print(f"train {name:>8}: {speed['images_per_s']:8.1f} images/s, {speed['step_ms']:7.1f} ms a step "
+              f"(warm-up {speed['warmup_s']:.1f} s); projected: 800k steps at batch 128 in "
+              f"{speed['projected']['hours_for_800k_steps_at_128']:6.1f} h", flush=True)
+        if name in ("fp32", "bf16-cl"):  # sampling in float32 and in bfloat16 (autocast on CUDA only)
+            amp = CONFIGS[name]["amp"] and device.type == "cuda"
+            speed = sample_speed(ema_model.eval(), schedule, (args.sample_batch, *image), args.sample_steps,
+                                 args.sample_repeats, amp, device, ddpm=args.ddpm)
+            results["sample"][name] = speed
+            ddpm = (f"DDPM-{schedule.num_timesteps} {speed['ddpm']['images_per_s']:.2f} images/s" if args.ddpm else
+                    f"projected DDPM-{schedule.num_timesteps} {speed['projected']['ddpm_images_per_s']:.2f} images/s")
+            print(f"sample {name:>7}: forward {speed['forward_ms']:.1f} ms; DDIM-{args.sample_steps} "
+                  f"{speed['ddim']['images_per_s']:.1f} images/s ({speed['ddim']['seconds']:.2f} s a run); {ddpm}",
+                  flush=True)
         del ema_model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(write_results(args.name, results))
+    print(write_results(args.name, results, args.results))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,6 @@ def machine() -> dict:
     }
 
 
-def write_results(name: str, results: dict) -> Path:
-    """results/NAME.json with the machine's description, written atomically."""
-    return write_json(RESULTS / f"{name}.json", {"machine": machine(), **results})
+def write_results(name: str, results: dict, folder: Path = RESULTS) -> Path:
+    """FOLDER/NAME.json (benchmarks/results by default) with the machine's description, written atomically."""
+    return write_json(Path(folder) / f"{name}.json", {"machine": machine(), **results})

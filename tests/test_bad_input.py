@@ -5,7 +5,8 @@ Every refusal is checked the same way (`assert_refused`): exit status 2, one lin
 that names the offending value or file, no traceback, and every file that existed before is
 byte-identical afterwards. Argument and file cases call `ddpm_core.cli.main` in-process (the
 function `python -m ddpm_core` runs; seconds for dozens of cases); what needs a process
-boundary (signals, a second process, exit statuses) runs `python -m ddpm_core` for real.
+boundary (signals and the exit statuses 130 and 143, a lock held by another live process)
+runs `python -m ddpm_core` for real. The full two-process run is `slow` (`make test-slow`).
 """
 
 import errno
@@ -20,21 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddpm_core.cli import main
+from conftest import run_main as cli
 
 SMOKE_STEPS = 2
+pytestmark = pytest.mark.usefixtures("fixed_threads")  # in-process main(): no load measurement, no thread change
 
 
 # -- helpers --------------------------------------------------------------------------------
-def cli(capsys, *args) -> tuple[int, str, str]:
-    """Run the command line in-process: (exit status, stdout, stderr). An exception that
-    escapes `main` fails the test, as a traceback would."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as stop:
-        code = stop.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def snapshot(*folders: Path) -> dict[Path, bytes]:
@@ -58,6 +51,12 @@ def strict_json(text: str):
     return json.loads(text, parse_constant=refuse)
 
 
+def on_fake_mnist(root: Path) -> tuple:
+    """`train`'s data options: the fake MNIST in `root`, and each checkpoint's held-out loss
+    on 2 of its test images (not all 24: seconds a checkpoint on a busy CPU)."""
+    return "--data-root", root, "--holdout-images", "2"
+
+
 def run_process(*args, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ddpm_core", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
@@ -78,7 +77,7 @@ def trained(tmp_path_factory, mnist_root) -> Path:
     from ddpm_core.runs import resolve_run, train_run
 
     out = tmp_path_factory.mktemp("runs") / "smoke"
-    train_run(resolve_run("smoke", steps=SMOKE_STEPS, sample_every=0), out, mnist_root)
+    train_run(resolve_run("smoke", steps=SMOKE_STEPS, sample_every=0), out, mnist_root, holdout_images=2)
     return out
 
 
@@ -149,7 +148,7 @@ def test_damaged_guidance_classifier_and_resume_state(trained, mnist_root, tmp_p
     run.mkdir()
     edited(trained, run, "last.pt", lambda p: p["train_state"].pop("optimizer"))
     before = snapshot(run)
-    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--data-root", mnist_root, "--no-progress")
+    code, _, err = cli(capsys, "train", "--out", run, "--resume", *on_fake_mnist(mnist_root), "--no-progress")
     assert_refused(code, err, str(run / "last.pt"), "training state is damaged", before=before)
 
 
@@ -223,14 +222,14 @@ def test_resume_refuses_what_it_would_silently_ignore(option, value, named, run_
 
 
 def test_resume_honours_more_steps_and_says_so(run_copy, mnist_root, capsys):
-    code, out, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "4", "--data-root", mnist_root,
+    code, out, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "4", *on_fake_mnist(mnist_root),
                          "--no-progress")
     assert code == 0, err
     assert "steps 2 -> 4" in err
     report = strict_json(out)
     assert report["step"] == 4 and report["resumed_with"] == {"steps": [2, 4]}
     # a finished run resumed trains nothing and says so in valid JSON
-    code, out, err = cli(capsys, "train", "--out", run_copy, "--resume", "--data-root", mnist_root, "--no-progress")
+    code, out, err = cli(capsys, "train", "--out", run_copy, "--resume", *on_fake_mnist(mnist_root), "--no-progress")
     assert code == 0, err
     report = strict_json(out)
     assert report["step"] == 4 and report["final_loss"] is None
@@ -245,7 +244,7 @@ def test_resume_cleans_what_a_killed_run_left(run_copy, mnist_root, capsys):
     for path in orphans:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half a checkpoint")
-    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "5", "--data-root", mnist_root,
+    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "5", *on_fake_mnist(mnist_root),
                        "--no-progress")
     assert code == 0, err
     steps = [record["step"] for record in map(strict_json, log.read_text().splitlines()) if "loss" in record]
@@ -293,10 +292,10 @@ def fill_disk_while_writing(monkeypatch):
 
 
 def small_filesystem(tmp_path: Path) -> Path | None:
-    """A 96 KiB tmpfs (root only), or None where mounting is not allowed."""
+    """A 16 KiB tmpfs (root only), or None where mounting is not allowed."""
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)], capture_output=True)
     return mount if done.returncode == 0 else None
 
 
@@ -307,14 +306,15 @@ def test_a_full_disk_keeps_the_previous_grid(how, trained, tmp_path, capsys, mon
         pytest.skip("mounting a small tmpfs needs root here; the faked ENOSPC case covers the code path")
     try:
         grid = folder / "grid.png"
-        common = ("sample", "--checkpoint", trained / "last.pt", "--sampler", "ddim", "--steps", "2", "--no-progress")
+        common = ("sample", "--checkpoint", trained / "last.pt", "--sampler", "ddim", "--steps", "1", "--no-progress")
         code, _, err = cli(capsys, *common, "--num", "1", "--out", grid)  # a small grid that fits
         assert code == 0, err
         before = snapshot(folder)
         if how == "faked ENOSPC":
-            fill_disk_while_writing(monkeypatch)
-        # a grid of 256 noise images (~500 KB) does not fit in 96 KiB
-        code, _, err = cli(capsys, *common, "--num", "256", "--grid-size", "256", "--out", grid)
+            fill_disk_while_writing(monkeypatch)  # any grid fails: a small one does
+        # a grid of 64 noise images (~120 KB) does not fit in 16 KiB
+        num = "64" if how == "full filesystem" else "4"
+        code, _, err = cli(capsys, *common, "--num", num, "--grid-size", num, "--out", grid)
         assert_refused(code, err, str(grid), "no space left", "previous file", before=before)
         assert [p.name for p in folder.iterdir()] == ["grid.png"]  # no temporary file left behind
     finally:
@@ -330,9 +330,12 @@ def wait_for(condition, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_busy_folder_is_refused(mnist_root, tmp_path):
+    """Two real processes: the second is refused, the first finishes as the only writer.
+    (The default run checks the refusal in-process against a live process: the next test.)"""
     out = tmp_path / "run"
-    train = ("train", "--profile", "smoke", "--out", out, "--data-root", mnist_root, "--steps", "3", "--no-progress",
+    train = ("train", "--profile", "smoke", "--out", out, *on_fake_mnist(mnist_root), "--steps", "3", "--no-progress",
              "--threads", "1")
     first = run_process(*train)
     try:
@@ -351,35 +354,54 @@ def test_a_second_run_into_a_busy_folder_is_refused(mnist_root, tmp_path):
     assert not (out / ".lock").exists()  # released on exit
 
 
+def test_interrupts_save_a_checkpoint_say_how_to_resume_and_hold_the_folder_meanwhile(mnist_root, tmp_path, capsys):
+    """SIGINT (exit 130) and SIGTERM (143) to two real `python -m ddpm_core train` processes,
+    run side by side; while the first trains, a second run into its folder is refused."""
+    runs = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / signal.Signals(signum).name
+        runs[signum] = out, run_process("train", "--profile", "smoke", "--out", out, *on_fake_mnist(mnist_root),
+                                        "--steps", "100000", "--no-progress", "--threads", "1")
+    try:
+        for out, _ in runs.values():
+            log = out / "log.jsonl"
+            wait_for(lambda: log.exists() and log.stat().st_size > 0)  # step 5 logged: training is under way
+        out, busy = runs[signal.SIGINT]
+        code, _, err = cli(capsys, "train", "--profile", "smoke", "--out", out, *on_fake_mnist(mnist_root),
+                           "--steps", "3", "--no-progress")
+        assert_refused(code, err, str(out), f"in use by process {busy.pid}")
+        for signum, (_, process) in runs.items():
+            process.send_signal(signum)
+        finished = {signum: process.communicate(timeout=120)[1] for signum, (_, process) in runs.items()}
+    finally:
+        for _, process in runs.values():
+            process.kill()  # no-op once it has exited
+    from ddpm_core.checkpoint import load_checkpoint
+
+    for signum, status in [(signal.SIGINT, 130), (signal.SIGTERM, 143)]:
+        (out, process), err = runs[signum], finished[signum]
+        assert_refused(process.returncode, err, signal.Signals(signum).name, "--resume", str(out), status=status)
+        step = load_checkpoint(out / "last.pt").metadata["step"]
+        assert f"after step {step};" in err and step >= 5
+        assert not (out / ".lock").exists()
+        records = [strict_json(line) for line in (out / "log.jsonl").read_text().splitlines()]
+        losses = [record["step"] for record in records if "loss" in record]
+        assert losses == sorted(set(losses))  # one writer
+        assert max(record["step"] for record in records) <= step  # nothing logged past last.pt
+
+
 def test_a_lock_whose_process_is_gone_is_taken_over(run_copy, mnist_root, capsys):
     gone = subprocess.Popen(["true"])
     gone.wait()
     lock = run_copy / ".lock"
     lock.write_text(json.dumps({"pid": gone.pid, "host": os.uname().nodename, "started": "earlier"}))
-    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "3", "--data-root", mnist_root,
+    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", "--steps", "3", *on_fake_mnist(mnist_root),
                        "--no-progress")
     assert code == 0, err
     assert not lock.exists()
     lock.write_text(json.dumps({"pid": os.getppid(), "host": "another-machine", "started": "earlier"}))
-    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", "--data-root", mnist_root, "--no-progress")
+    code, _, err = cli(capsys, "train", "--out", run_copy, "--resume", *on_fake_mnist(mnist_root), "--no-progress")
     assert_refused(code, err, "another-machine", f"delete {lock}")  # another host: no way to tell, so refused
-
-
-@pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_an_interrupt_saves_a_checkpoint_and_says_how_to_resume(signum, status, mnist_root, tmp_path):
-    out = tmp_path / "run"
-    run = run_process("train", "--profile", "smoke", "--out", out, "--data-root", mnist_root, "--steps", "100000",
-                      "--no-progress", "--threads", "1")
-    log = out / "log.jsonl"
-    wait_for(lambda: log.exists() and log.stat().st_size > 0)  # step 5 logged: training is under way
-    run.send_signal(signum)
-    _, err = run.communicate(timeout=120)
-    assert_refused(run.returncode, err, signal.Signals(signum).name, "--resume", str(out), status=status)
-    from ddpm_core.checkpoint import load_checkpoint
-
-    step = load_checkpoint(out / "last.pt").metadata["step"]
-    assert f"after step {step};" in err and step >= 5
-    assert not (out / ".lock").exists()
 
 
 # -- import-pretrained, and the names the help text gives -----------------------------------

@@ -1,32 +1,75 @@
-"""The GPU benchmark runs on the CPU path too (small), so its code is never left untested."""
+"""The GPU benchmark runs on the CPU too (small), so its code is never left untested, and what it
+files as measured is timed, not derived."""
 
+import importlib
 import json
-import subprocess
-import sys
+import math
+import time
 from pathlib import Path
 
 import pytest
+import torch
+
+from ddpm_core.config import DiffusionConfig
+from ddpm_core.schedule import NoiseSchedule
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def test_train_benchmark_runs_small_on_the_cpu():
-    name = "test_bench_train_gpu"
-    result_file = BENCHMARKS / "results" / f"{name}.json"
-    try:
-        done = subprocess.run(
-            [sys.executable, "bench_train_gpu.py", "--device", "cpu", "--profile", "smoke", "--batch", "4",
-             "--steps", "1", "--warmup", "1", "--configs", "fp32,bf16-cl", "--sample-batch", "2", "--name", name],
-            cwd=BENCHMARKS, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
-        results = json.loads(result_file.read_text())
-    finally:
-        result_file.unlink(missing_ok=True)
-    assert results["device"] == "cpu" and set(results["train"]) == {"fp32", "bf16-cl"}
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the benchmarks import their `common` module
+    return importlib.import_module("bench_train_gpu")
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_train_benchmark_runs_small_on_the_cpu(bench, tmp_path, capsys):
+    bench.main(["--device", "cpu", "--profile", "smoke", "--batch", "4", "--steps", "1", "--warmup", "1",
+                "--configs", "fp32,bf16-cl", "--sample-batch", "2", "--sample-steps", "2", "--sample-repeats", "1",
+                "--name", "small", "--results", str(tmp_path)])
+    results = json.loads((tmp_path / "small.json").read_text())
+    assert str(tmp_path / "small.json") in capsys.readouterr().out
+    assert results["device"] == "cpu" and results["parameters"] > 0 and set(results["train"]) == {"fp32", "bf16-cl"}
     for speed in results["train"].values():
-        assert speed["images_per_s"] > 0
-        # the projection is the measured rate carried to 800k steps of 128 images
-        assert speed["hours_for_800k_steps_at_128"] * 3600 * speed["images_per_s"] == \
-            pytest.approx(800_000 * 128)
-    assert results["sample"]["fp32"]["ddpm1000_images_per_s"] * 20 == \
-        pytest.approx(results["sample"]["fp32"]["ddim50_images_per_s"])
+        assert all(positive(speed[key]) for key in ("images_per_s", "step_ms", "warmup_s"))
+        assert positive(speed["projected"]["hours_for_800k_steps_at_128"]) and speed["projected"]["how"]
+    assert set(results["sample"]) == {"fp32", "bf16-cl"}
+    for speed in results["sample"].values():
+        assert speed["amp"] is False  # bfloat16 autocast is CUDA's only; the file says what ran
+        assert speed["batch"] == 2 and positive(speed["forward_ms"])
+        assert speed["ddim"]["steps"] == 2 and all(positive(speed["ddim"][k]) for k in ("seconds", "images_per_s"))
+        assert "ddpm" not in speed and positive(speed["projected"]["ddpm_images_per_s"])  # not measured: projected
+        assert "--ddpm" in speed["projected"]["how"]
+
+
+class SlowAwayFromForwardT(torch.nn.Module):
+    """A denoiser that takes `delay` s at every timestep except the benchmark's FORWARD_T, so a
+    sampling time carried over from the single forward would be far too small."""
+
+    def __init__(self, forward_t: int, delay: float):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))  # `sample` finds the device through it
+        self.forward_t, self.delay, self.calls = forward_t, delay, []
+
+    def forward(self, x_t, t, y=None):
+        self.calls.append(int(t[0]))
+        if int(t[0]) != self.forward_t:
+            time.sleep(self.delay)
+        return torch.zeros_like(x_t)
+
+
+def test_sampling_speed_is_timed_over_whole_sampling_runs(bench):
+    delay, schedule = 0.02, NoiseSchedule.from_config(DiffusionConfig("linear", 25))
+    model = SlowAwayFromForwardT(bench.FORWARD_T, delay)
+    speed = bench.sample_speed(model, schedule, (2, 1, 8, 8), ddim_steps=3, repeats=1, amp=False,
+                               device=torch.device("cpu"), ddpm=True)
+    assert speed["ddim"]["steps"] == 3 and speed["ddpm"]["steps"] == 25
+    assert speed["ddim"]["seconds"] >= 3 * delay and speed["ddpm"]["seconds"] >= 25 * delay  # the steps' real cost
+    assert speed["forward_ms"] < 1000 * delay  # the forward alone never waited: it is not what was carried over
+    assert speed["ddim"]["images_per_s"] == pytest.approx(2 / speed["ddim"]["seconds"])
+    assert "projected" not in speed  # DDPM was measured, so nothing is projected
+    sampled = [t for t in model.calls if t != bench.FORWARD_T]
+    assert len(sampled) == 2 * (3 + 25)  # DDIM and DDPM each: one untimed run, then the timed one

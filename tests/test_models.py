@@ -1,4 +1,8 @@
-"""The UNet and the baseline denoisers: shapes, parameter counts, wiring, bad configs."""
+"""The UNet and the baseline denoisers: parameter counts against the paper and diffusers, where
+attention sits, what each output depends on (its own sample, t, y), gradients, bad configs.
+
+The paper-sized checks build the 35.7M network on the meta device: shapes and counts without
+allocating or initialising its weights."""
 
 import math
 
@@ -9,12 +13,13 @@ from diffusers import UNet2DModel
 from conftest import TINY_UNET, randomize_
 from ddpm_core.config import CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL, ModelConfig, replace
 from ddpm_core.denoisers import ConvDenoiser, ResNetDenoiser, build_model, count_parameters
-from ddpm_core.layers import AttentionBlock, Downsample, timestep_embedding
+from ddpm_core.layers import AttentionBlock, Downsample, ResnetBlock, timestep_embedding
 from ddpm_core.unet import UNet
 
 
 def test_paper_cifar10_unet_has_35_7M_parameters():
-    n = count_parameters(UNet(CIFAR10_PAPER_MODEL))
+    with torch.device("meta"):
+        n = count_parameters(UNet(CIFAR10_PAPER_MODEL))
     assert abs(n - 35.7e6) / 35.7e6 < 0.005, n
 
 
@@ -33,7 +38,8 @@ def diffusers_unet(config: ModelConfig) -> UNet2DModel:
 
 @pytest.mark.parametrize("config", [CIFAR10_PAPER_MODEL, MNIST_SMALL_MODEL], ids=["cifar10", "mnist"])
 def test_parameter_count_equals_diffusers_ddpm_layout(config):
-    assert count_parameters(UNet(config)) == count_parameters(diffusers_unet(config))
+    with torch.device("meta"):  # (the attention layers differ in form: one 1x1 qkv conv against three linears)
+        assert count_parameters(UNet(config)) == count_parameters(diffusers_unet(config))
 
 
 @pytest.mark.parametrize(
@@ -47,20 +53,31 @@ def test_parameter_count_equals_diffusers_ddpm_layout(config):
     ],
     ids=["mnist", "mnist-noattn", "mnist-attn14", "rgb16", "size12"],
 )
-def test_unet_output_has_the_input_shape(config):
-    model = UNet(config)
-    x = torch.randn(2, config.in_channels, config.image_size, config.image_size)
-    out = model(x, torch.tensor([0, 999]))
-    assert out.shape == x.shape and torch.isfinite(out).all()
+def test_each_output_depends_on_its_own_sample_only(config):
+    # GroupNorm and attention work per sample: a reshape that mixed the batch into the pixels
+    # (or a BatchNorm) would make a sample's output depend on the others
+    model = randomize_(UNet(config)).eval()
+    x = torch.randn(3, config.in_channels, config.image_size, config.image_size)
+    t = torch.tensor([0, 500, 999])
+    with torch.no_grad():
+        out = model(x, t)
+        alone = torch.cat([model(x[i : i + 1], t[i : i + 1]) for i in range(3)])
+    assert out.shape == x.shape and torch.isfinite(out).all() and out.abs().max() > 0
+    torch.testing.assert_close(out, alone, rtol=1e-4, atol=1e-5)  # float32, summed in another order
 
 
-def test_cifar_shapes_and_attention_placement():
-    model = UNet(CIFAR10_PAPER_MODEL)
-    # attention at 16x16 (2 down blocks, 3 up blocks) and in the middle
-    assert sum(isinstance(m, AttentionBlock) for m in model.modules()) == 2 + 3 + 1
-    assert sum(isinstance(m, Downsample) for m in model.modules()) == 3
-    out = model(torch.randn(1, 3, 32, 32), torch.tensor([7]))
+def test_attention_sits_at_16x16_and_in_the_middle_of_the_cifar_unet():
+    with torch.device("meta"):
+        model = UNet(CIFAR10_PAPER_MODEL)
+        seen = []  # (H, W) of each attention layer's input, in the order they run
+        for module in model.modules():
+            if isinstance(module, AttentionBlock):
+                module.register_forward_hook(lambda module, args, out: seen.append(tuple(args[0].shape[-2:])))
+        out = model(torch.randn(1, 3, 32, 32), torch.tensor([7]))
     assert out.shape == (1, 3, 32, 32)
+    # 32 -> 16 -> 8 -> 4: two down blocks at 16x16, the middle at 4x4, three up blocks at 16x16
+    assert seen == [(16, 16)] * 2 + [(4, 4)] + [(16, 16)] * 3
+    assert sum(isinstance(m, Downsample) for m in model.modules()) == 3
 
 
 def test_attention_off_removes_every_attention_layer():
@@ -86,11 +103,32 @@ def test_zero_initialised_output_starts_at_zero():
     assert model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).abs().max() == 0
 
 
-def test_timestep_changes_the_output():
-    model = randomize_(UNet(TINY_UNET)).eval()
+# GroupNorm with 32 groups over 32 channels normalises each channel on its own, which removes the
+# per-channel shift by which a ResNet block adds the timestep (and class) embedding: at
+# base_channels=32 (the smoke and laptop profiles, the cnn and resnet baselines) those blocks
+# never see t. Strict: once the library is fixed, these pass and the marks must go.
+ERASED_AT_32 = pytest.mark.xfail(strict=True, reason="GroupNorm(32, 32 channels) erases the timestep shift")
+
+
+@pytest.mark.parametrize("kind, base_channels", [
+    ("unet", 32), ("unet", 64), ("cnn", 64), ("resnet", 64),
+    pytest.param("cnn", 32, marks=ERASED_AT_32), pytest.param("resnet", 32, marks=ERASED_AT_32),
+])
+def test_timestep_changes_the_output(kind, base_channels):
+    model = randomize_(build_model(replace(TINY_UNET, kind=kind, base_channels=base_channels))).eval()
     x = torch.randn(1, 1, 8, 8).repeat(2, 1, 1, 1)
-    out = model(x, torch.tensor([10, 900]))
-    assert not torch.allclose(out[0], out[1])
+    with torch.no_grad():
+        out = model(x, torch.tensor([10, 900]))
+    assert (out[0] - out[1]).abs().max() > 1e-4 * out.abs().max()  # more than float32 noise
+
+
+@pytest.mark.parametrize("channels", [pytest.param(32, marks=ERASED_AT_32), 64, 128])
+def test_a_resnet_block_passes_its_timestep_embedding_on(channels):
+    block = randomize_(ResnetBlock(channels, channels, 64, dropout=0.0)).eval()
+    x, temb_act = torch.randn(1, channels, 4, 4).repeat(2, 1, 1, 1), torch.randn(2, 64)
+    with torch.no_grad():
+        out = block(x, temb_act)
+    assert (out[0] - out[1]).abs().max() > 1e-4 * out.abs().max()  # more than float32 noise
 
 
 def test_class_conditioning_changes_the_output_and_none_means_the_null_label():
@@ -131,13 +169,17 @@ def test_timestep_embedding_matches_diffusers_ddpm_form():
 
 
 @pytest.mark.parametrize(("kind", "cls"), [("cnn", ConvDenoiser), ("resnet", ResNetDenoiser)])
-def test_baseline_denoisers_share_the_signature(kind, cls):
+def test_baseline_denoisers_share_the_signature_and_stay_at_full_resolution(kind, cls):
     config = replace(MNIST_SMALL_MODEL, kind=kind, num_res_blocks=3)
-    model = build_model(config)
+    model = randomize_(build_model(config)).eval()
     assert isinstance(model, cls)
     assert not any(isinstance(m, (Downsample, AttentionBlock)) for m in model.modules())
     x = torch.randn(2, 1, 28, 28)
-    assert model(x, torch.tensor([1, 2])).shape == x.shape
+    with torch.no_grad():
+        out = model(x, torch.tensor([1, 2]))
+        alone = model(x[1:], torch.tensor([2]))
+    assert out.shape == x.shape
+    torch.testing.assert_close(out[1:], alone, rtol=1e-4, atol=1e-5)  # per sample, as the UNet
 
 
 def test_bad_model_configs_name_the_fix():

@@ -4,8 +4,6 @@ notebooks' own layout (one parameters cell, no outputs, Summary and Exercises)."
 import ast
 import logging
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import ipywidgets
@@ -14,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_core.cli import main
+from conftest import run_main
 from ddpm_core.notebooks import (NotebookFailed, notebook_paths, parse_value, read_parameters, run_notebooks,
                                  validate_parameters)
 from ddpm_core.plotting import plot_image_table, plot_pixel_histogram, plot_timestep_embedding, save_gif
@@ -126,10 +124,11 @@ def test_each_notebook_follows_the_house_layout(path):
     assert "/work/" not in path.read_text() and "shared/data" not in path.read_text()
 
 
-def test_the_notebooks_command_reports_a_missing_folder_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ddpm_core", "notebooks", "--notebooks", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "no numbered notebooks" in result.stderr and "Traceback" not in result.stderr
+def test_the_notebooks_command_reports_a_missing_folder_in_one_line(tmp_path, capsys, fixed_threads):
+    code, _, err = run_main(capsys, "notebooks", "--notebooks", tmp_path, "--out", tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("ddpm notebooks: error: ") and "no numbered notebooks" in err and str(tmp_path) in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,12 +253,9 @@ def test_prepared_notebooks_hold_their_own_parameters_after_the_annotated_cell(t
         assert {name: namespace[name] for name in defaults} == {**defaults, **given}
 
 
-def test_the_command_line_refuses_a_misspelt_parameter_in_one_line(tmp_path, monkeypatch, capsys):
+def test_the_command_line_refuses_a_misspelt_parameter_in_one_line(tmp_path, monkeypatch, capsys, fixed_threads):
     monkeypatch.chdir(ROOT)
-    monkeypatch.setenv("DDPM_THREADS", str(torch.get_num_threads()))  # main() sets torch's threads: keep them
-    with pytest.raises(SystemExit) as exit_:
-        main(["notebooks", "--prepare-only", "--out", str(tmp_path / "out"), "-p", "shedule", "cosine"])
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    code, _, err = run_main(capsys, "notebooks", "--prepare-only", "--out", tmp_path / "out", "-p", "shedule", "cosine")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith("ddpm notebooks: error: unknown notebook parameter 'shedule' (did you mean schedule?)")
     assert list(tmp_path.iterdir()) == []  # nothing written

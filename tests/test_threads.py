@@ -148,3 +148,15 @@ def test_an_unreadable_proc_stat_counts_as_missing(tmp_path, two_cores, text):
     path = tmp_path / "stat"
     path.write_text(text)
     assert busy_cores(path, interval=0.0) is None
+
+
+def test_the_threads_option_reaches_torch_and_the_notebook_kernels(tmp_path, capsys):
+    from conftest import run_main
+
+    start = torch.get_num_threads()
+    wanted = 1 if start != 1 else 2
+    code, _, err = run_main(capsys, "sample", "--checkpoint", tmp_path / "none.pt", "--out", tmp_path / "g.png",
+                            "--threads", wanted)
+    assert code == 2 and "no checkpoint at" in err  # refused after the threads were set
+    assert torch.get_num_threads() == wanted
+    assert os.environ[runtime.THREADS_ENV] == str(wanted)  # what `notebooks` hands its kernels
