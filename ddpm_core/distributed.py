@@ -1,11 +1,11 @@
 """Several processes, one run: torchrun, its process group, and what the trainer asks of it.
 
-This module owns the process group: it reads what torchrun sets (RANK, WORLD_SIZE,
-LOCAL_RANK), picks the backend (NCCL on GPUs, gloo on CPUs), gives each rank its device, and
-offers the few collectives the trainer needs. The model wrapping (DistributedDataParallel)
-and the data split (DistributedSampler) live in `ddpm_core.training`. A process started
-without torchrun is rank 0 of 1 and never touches a process group, so a single process runs
-exactly as it did before any of this existed.
+This module owns the process group and the data split: it reads what torchrun sets (RANK,
+WORLD_SIZE, LOCAL_RANK), picks the backend (NCCL on GPUs, gloo on CPUs), gives each rank its
+device, offers the few collectives the trainer needs, and deals each rank its share of every
+global batch (`epoch_batches`, the batch order of one process too). The model wrapping
+(DistributedDataParallel) lives in `ddpm_core.training`. A process started without torchrun
+is rank 0 of 1 and never touches a process group.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.utils.data import DistributedSampler
 
 from ddpm_core.runtime import resolve_device
 
@@ -115,3 +116,35 @@ def teardown() -> None:
     """Leave the process group (at the end of a torchrun run; nothing to do otherwise)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def local_batch_size(batch_size: int, world_size: int) -> int:
+    """Each process's share of the global batch; it must split evenly."""
+    if batch_size % world_size:
+        raise ValueError(f"the global batch of {batch_size} does not split evenly over {world_size} processes; "
+                         f"choose a --batch-size that is a multiple of --nproc_per_node")
+    return batch_size // world_size
+
+
+def epoch_batches(num_items: int, batch_size: int, seed: int, start_step: int, rank: int = 0,
+                  world_size: int = 1) -> Iterator[list[int]]:
+    """Index batches forever, rank `rank`'s share (batch_size / world_size) of each global batch.
+
+    Epoch e is the permutation seeded by seed + e, dealt out by torch's DistributedSampler
+    (rank r gets its items r, r + W, r + 2W, ...) and cut into full batches, so the W shares of
+    step k together are the single-process batch k. Starting at `start_step` skips exactly the
+    batches already trained on.
+    """
+    local_batch = local_batch_size(batch_size, world_size)
+    sampler = DistributedSampler(range(num_items), num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
+    per_epoch = len(sampler) // local_batch
+    if per_epoch == 0:
+        raise ValueError(f"the dataset has {num_items} images, fewer than one batch of {batch_size}")
+    epoch, position = divmod(start_step, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)  # the permutation seeded by seed + epoch
+        order = list(sampler)
+        for i in range(position, per_epoch):
+            yield order[i * local_batch : (i + 1) * local_batch]
+        epoch, position = epoch + 1, 0

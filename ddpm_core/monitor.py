@@ -1,22 +1,33 @@
-"""What a training run shows about itself: a held-out loss that is comparable across the run
-(for keeping the best model), sample grids, and the loss curve.
+"""What a training run shows about itself, and the hooks that show it: a held-out loss that is
+comparable across the run (for keeping the best model), sample grids, the loss curve; and the
+hooks the training loop calls after each step to log, checkpoint, keep snapshots and draw grids.
 
-This module owns those measurements; it never changes the model or draws from the global RNG
-(every draw has its own generator), so monitoring cannot change what a run computes.
+This module owns those measurements and when they are taken; the loop is
+`ddpm_core.training`'s, the files' contents `ddpm_core.train_state`'s. It never changes the
+model or draws from the global RNG (every draw has its own generator), so monitoring cannot
+change what a run computes.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from matplotlib.figure import Figure
 from torch import nn
 
 from ddpm_core.diffusion import loss_simple
-from ddpm_core.plotting import save_image_grid
+from ddpm_core.plotting import save_figure, save_image_grid
 from ddpm_core.sampling import ddim_sample
 from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.train_state import RunLog
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from ddpm_core.training import Trainer
 
 
 @torch.inference_mode()
@@ -68,5 +79,78 @@ def plot_loss_curve(records: list[dict] | dict[str, list[dict]]) -> Figure:
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.lines:  # none yet when a run stops before its first log line
+        ax.legend(fontsize=8)
     return fig
+
+
+# -- the hooks the training loop calls after every step, in this order ------------------------
+class LogWindow:
+    """Every `log_every` steps and at the last: one log line for the steps since the previous
+    one (mean loss over them and the ranks, lr, images/s, elapsed seconds), shown on the
+    progress bar too. Every rank calls it (the mean is a collective)."""
+
+    def __init__(self, log: RunLog, bar: tqdm):
+        self.log, self.bar, self.losses = log, bar, []
+        self.start = self.run_start = time.perf_counter()
+
+    def after_step(self, trainer: Trainer, loss: torch.Tensor, stopping: bool) -> None:
+        self.losses.append(loss)
+        config, step = trainer.config, trainer.step
+        if step % config.log_every and step != config.steps:
+            return
+        mean_loss = trainer.place.mean(torch.stack(self.losses).mean()).item()
+        now = time.perf_counter()
+        record = {"step": step, "loss": mean_loss, "lr": trainer.scheduler.get_last_lr()[0],
+                  "images_per_s": len(self.losses) * config.batch_size / (now - self.start),
+                  "elapsed_s": now - self.run_start}
+        self.log.write(record)
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        self.start, self.losses = now, []
+
+
+class Checkpointing:
+    """Every `checkpoint_every` steps, at the last and when stopping: the held-out loss of the
+    EMA weights (`heldout_loss`; out/best.pt keeps the lowest), out/last.pt, and the loss curve
+    out/loss.png, drawn from the log's records in memory. Every rank calls it; rank 0 writes."""
+
+    def __init__(self, log: RunLog):
+        self.log = log
+
+    def after_step(self, trainer: Trainer, loss: torch.Tensor, stopping: bool) -> None:
+        config, state, out = trainer.config, trainer.state, trainer.out
+        if state.step % config.checkpoint_every and state.step != config.steps and not stopping:
+            return
+        main = trainer.place.is_main
+        if main and trainer.holdout is not None:
+            value = heldout_loss(state.ema_model, trainer.schedule, trainer.holdout, seed=config.seed)
+            is_best = value < state.best_heldout_loss
+            if is_best:
+                state.best_heldout_loss = value
+                state.save_weights(out / "best.pt", heldout_loss=value)
+            self.log.write({"step": state.step, "heldout_loss": value, "best": is_best})
+        state.save(trainer.checkpoint_path)
+        if main:
+            save_figure(plot_loss_curve(self.log.records), out / "loss.png")
+
+
+class Snapshots:
+    """Every `snapshot_every` steps (0: never), the EMA weights as out/snapshots/step_N.pt,
+    weights only (for FID over training). Rank 0 only."""
+
+    def after_step(self, trainer: Trainer, loss: torch.Tensor, stopping: bool) -> None:
+        every, step = trainer.config.snapshot_every, trainer.step
+        if every and step % every == 0:
+            trainer.state.save_weights(trainer.out / "snapshots" / f"step_{step:07d}.pt")
+
+
+class SampleGrids:
+    """Every `sample_every` steps (0: never), a grid of `sample_images` DDIM samples of the EMA
+    weights as out/samples/step_N.png (`write_sample_grid`, the same noise each time). Rank 0 only."""
+
+    def after_step(self, trainer: Trainer, loss: torch.Tensor, stopping: bool) -> None:
+        config, model_config, step = trainer.config, trainer.model_config, trainer.step
+        if config.sample_every and step % config.sample_every == 0:
+            shape = (config.sample_images, model_config.in_channels, model_config.image_size, model_config.image_size)
+            write_sample_grid(trainer.state.ema_model, trainer.schedule, shape,
+                              trainer.out / "samples" / f"step_{step:07d}.png", seed=config.seed)

@@ -1,7 +1,8 @@
-"""Where code runs and how it is seeded: device selection, CPU threads and the one seeding function.
+"""Where code runs and how it is seeded: device selection, CPU threads, the one seeding
+function, and the signals a run catches to stop cleanly.
 
-This module owns the choice of device, of the number of CPU threads torch uses, and the global
-seeds; it holds no model or data code.
+This module owns the choice of device, of the number of CPU threads torch uses, the global
+seeds and the handling of SIGINT / SIGTERM; it holds no model or data code.
 
 CPU threads: torch's default is one thread per core, which is the fastest choice on an idle
 machine and the slowest on a busy one. OpenMP splits every operator evenly over its threads and
@@ -14,12 +15,15 @@ cores that others keep busy.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -160,3 +164,26 @@ def busy_cores(path: Path | None = None, interval: float | None = None,
         if ticks > 0:
             busy += (after[cpu][0] - before[cpu][0]) / ticks
     return busy if cores & before.keys() & after.keys() else None
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[list[int]]:
+    """While the block runs, SIGINT (Ctrl-C) and SIGTERM are recorded in the list it yields
+    instead of killing the process mid-step, so the loop can save and stop; a second signal
+    interrupts at once. Only the main thread can catch signals: elsewhere nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)

@@ -1,7 +1,9 @@
 """Training in several processes (torchrun, DistributedDataParallel) computes what one process
 computes on the same global batch, and only rank 0 writes.
 
-The end-to-end check runs the real command twice on the CPU, `torchrun --nproc_per_node 2 -m
+In process: each rank's share of the batches and of the batch's draws, that their gradients
+average to the one-process gradient, and what each rank's checkpoint holds. The end-to-end
+check (`slow`) runs the real command twice on the CPU, `torchrun --nproc_per_node 2 -m
 ddpm_core train` (gloo) and a plain `python -m ddpm_core train`, on the smoke profile and a
 fake MNIST in torchvision's format, then resumes both and compares again.
 """
@@ -12,12 +14,17 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import TINY_UNET
 from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.config import DiffusionConfig, TrainConfig, replace
+from ddpm_core.denoisers import build_model
+from ddpm_core.diffusion import loss_simple
 from ddpm_core.distributed import Distributed, from_environment
 from ddpm_core.profiles import get_profile
 from ddpm_core.training import Trainer, epoch_batches, read_log
@@ -79,18 +86,80 @@ def test_place_comes_from_torchruns_environment(monkeypatch):
         from_environment()
 
 
-def test_one_process_draws_what_it_drew_before():
-    """t and eps for the batch come from the global RNG in loss_simple's order, so a single
-    process trains exactly as before the draws moved into the trainer."""
-    profile = get_profile("smoke")
-    trainer = Trainer(profile.model, profile.diffusion, profile.train, [], "unused")
-    x0 = torch.zeros(profile.train.batch_size, 1, 28, 28)
-    torch.manual_seed(11)
-    drop, t, eps = trainer.draw(x0, None)
-    torch.manual_seed(11)
-    assert drop is None
-    torch.testing.assert_close(t, torch.randint(0, profile.diffusion.num_timesteps, (len(x0),)), rtol=0, atol=0)
-    torch.testing.assert_close(eps, torch.randn(x0.shape), rtol=0, atol=0)
+def tiny_trainer(tmp_path, **train_changes) -> Trainer:
+    train = TrainConfig(steps=4, batch_size=8, warmup_steps=1, **train_changes)
+    return Trainer(replace(TINY_UNET, num_classes=10), DiffusionConfig("linear", 50), train, [], tmp_path)
+
+
+def test_one_process_draws_what_it_drew_before(tmp_path):
+    """The batch's draws (label dropout, t, eps) come from a generator that starts where the
+    global RNG stood after the initial weights, the RNG one process drew them from before it had
+    a generator, in the same order: so a single process trains exactly as it always has."""
+    trainer = tiny_trainer(tmp_path, label_dropout=0.3)
+    x0, y = torch.zeros(8, 1, 8, 8), torch.zeros(8, dtype=torch.long)
+    drop, t, eps = trainer.draw(x0, y)
+    torch.manual_seed(trainer.config.seed)
+    build_model(trainer.model_config)
+    assert torch.equal(drop, torch.rand(8) < 0.3)
+    assert torch.equal(t, torch.randint(0, 50, (8,)))
+    assert torch.equal(eps, torch.randn(x0.shape))
+    assert trainer.draw(x0, None)[0] is None  # an unconditional batch draws no dropout
+
+
+def test_each_rank_takes_its_rows_of_the_global_batch_and_their_update_is_the_global_one(tmp_path):
+    """In process, the step two gloo processes take: rank r draws the rows r, r + 2, ... of the
+    global batch's draws, and the mean of the two ranks' gradients (what DDP averages) is the
+    one-process gradient on the global batch."""
+    trainer = tiny_trainer(tmp_path)
+    x0 = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(3)).clamp(-1, 1)
+    start = trainer.state.generator.get_state()
+
+    def gradient(x0_rows: torch.Tensor, place: Distributed) -> tuple[list[torch.Tensor], torch.Tensor]:
+        trainer.place = place  # the rows a rank draws depend on its place only
+        trainer.state.generator.set_state(start)
+        _, t, eps = trainer.draw(x0_rows, None)
+        trainer.model.zero_grad()
+        loss_simple(trainer.model, trainer.schedule, x0_rows, t=t, noise=eps).backward()
+        return [p.grad.clone() for p in trainer.model.parameters()], t
+
+    whole, t_whole = gradient(x0, Distributed())
+    ranks = [gradient(x0[rank::2], Distributed(rank, 2)) for rank in (0, 1)]
+    for rank, (_, t_rank) in enumerate(ranks):
+        assert torch.equal(t_rank, t_whole[rank::2])
+    for g, g0, g1 in zip(whole, ranks[0][0], ranks[1][0]):
+        torch.testing.assert_close((g0 + g1) / 2, g, rtol=1e-4, atol=1e-6)
+
+
+@dataclass(frozen=True)
+class Gathering(Distributed):
+    """A rank whose `gather` returns the given items: two processes' checkpoint, in one."""
+
+    items: tuple = ()
+
+    def gather(self, item: object) -> list:
+        return list(self.items)
+
+
+def test_each_rank_resumes_its_own_random_stream_and_the_shared_one(tmp_path):
+    """last.pt of two processes holds each rank's global RNG and the generator they share;
+    rank 1 resumes its own stream and the shared one."""
+    trainer = tiny_trainer(tmp_path)
+    gathered = [{"cpu": torch.Generator().manual_seed(100 + rank).get_state(), "cuda": None} for rank in (0, 1)]
+    trainer.state.place = Gathering(0, 2, items=tuple(gathered))
+    trainer.state.generator.manual_seed(7)
+    shared = trainer.state.generator.get_state()
+    trainer.state.save(tmp_path / "last.pt")
+    saved = load_checkpoint(tmp_path / "last.pt").train_state
+    assert saved["world_size"] == 2 and torch.equal(saved["shared_rng"], shared)
+    assert all(torch.equal(saved["rank_rng"][r]["cpu"], gathered[r]["cpu"]) for r in (0, 1))
+    assert torch.equal(saved["torch_rng"], gathered[0]["cpu"])  # rank 0's own, as ever
+
+    rank1 = tiny_trainer(tmp_path)
+    rank1.state.place = Distributed(1, 2)
+    rank1.state.generator.manual_seed(8)
+    rank1.load(tmp_path / "last.pt")
+    assert torch.equal(torch.get_rng_state(), gathered[1]["cpu"])
+    assert torch.equal(rank1.state.generator.get_state(), shared)
 
 
 # -- the real command, 2 gloo processes against 1 -----------------------------------------------
@@ -137,6 +206,7 @@ def assert_same_run(two: Path, one: Path) -> None:
     assert files_in(two) == files_in(one)  # the same files: samples, snapshots, best.pt, loss.png
 
 
+@pytest.mark.slow  # four torchrun / python runs of the command line (minutes on 2 cores)
 def test_two_gloo_processes_train_as_one_on_the_global_batch(tmp_path):
     data = tmp_path / "data"
     write_fake_mnist(data)

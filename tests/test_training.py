@@ -1,8 +1,15 @@
-"""The trainer: EMA, batch order, exact resumption (also after a real SIGKILL), bad states."""
+"""The trainer: EMA, learning rate, batch order, monitoring that changes nothing, exact
+resumption (in process after a crash, from a checkpoint of the old format, and after a real
+SIGKILL), signals, and bad states.
+
+In-process runs use a tiny UNet on 8x8 images (seconds each); the command-line runs on the
+smoke profile are `slow` (`make test-slow`).
+"""
 
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,28 +18,86 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.data import TensorDataset
 
+from conftest import TINY_UNET
+from ddpm_core import monitor, train_state
 from ddpm_core.checkpoint import load_checkpoint
-from ddpm_core.config import replace
-from ddpm_core.data import make_dataset
-from ddpm_core.profiles import get_profile
-from ddpm_core.training import EMA, NonFiniteLossError, TrainConfig, Trainer, epoch_batches, lr_factor
+from ddpm_core.config import DiffusionConfig, replace
+from ddpm_core.files import TEMP_SUFFIX
+from ddpm_core.training import (
+    EMA, NonFiniteLossError, TrainConfig, Trainer, TrainingInterrupted, epoch_batches, lr_factor, read_log,
+)
 from fake_data import write_fake_mnist
 
-SMOKE = get_profile("smoke")
+DIFFUSION = DiffusionConfig("linear", 50)
+TRAIN = TrainConfig(steps=20, batch_size=8, lr=1e-3, warmup_steps=5, ema_decay=0.99, ema_warmup=True, log_every=5,
+                    checkpoint_every=10, sample_images=4)
+IMAGES = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1  # (N, C, H, W) in [-1, 1]
+DATASET = TensorDataset(IMAGES, torch.arange(40) % 10)
+HOLDOUT = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+
+def trainer(out: Path, holdout: torch.Tensor | None = None, model=TINY_UNET, **train_changes) -> Trainer:
+    return Trainer(model, DIFFUSION, replace(TRAIN, **train_changes), DATASET, out, holdout=holdout)
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        assert torch.equal(value, b[name]), name
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders whose last.pt hold the same weights, EMA weights and Adam moments, and
+    whose logs hold the same losses at the same steps."""
+    first, second = load_checkpoint(a / "last.pt"), load_checkpoint(b / "last.pt")
+    assert first.train_state["step"] == second.train_state["step"]
+    assert_same_weights(first.model_state, second.model_state)
+    assert_same_weights(first.ema_state, second.ema_state)
+    moments = [{k: v["exp_avg_sq"] for k, v in c.train_state["optimizer"]["state"].items()} for c in (first, second)]
+    assert_same_weights(*moments)
+    losses = [[(r["step"], r["loss"], r["lr"]) for r in read_log(folder / "log.jsonl") if "loss" in r]
+              for folder in (a, b)]
+    assert losses[0] == losses[1]
 
 
 @pytest.fixture(scope="module")
-def mnist_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data")
-    write_fake_mnist(root, n=48)
-    return root
+def straight(tmp_path_factory) -> Path:
+    """A 20-step run that nothing interrupted or watched."""
+    out = tmp_path_factory.mktemp("straight")
+    trainer(out).run()
+    return out
 
 
-def trainer(root: Path, out: Path, holdout: torch.Tensor | None = None, **train_changes) -> Trainer:
-    train = replace(SMOKE.train, **{"sample_every": 0, **train_changes})
-    return Trainer(SMOKE.model, SMOKE.diffusion, train, make_dataset("mnist", root, download=False), out,
-                   holdout=holdout)
+@pytest.fixture(scope="module")
+def crashed(tmp_path_factory) -> Path:
+    """The same run killed after step 15: last.pt holds step 10, log.jsonl runs to step 15 and
+    ends in half a line, and a write it was making left its temporary file."""
+    out = tmp_path_factory.mktemp("crashed")
+    run = trainer(out)
+    original = run.train_step
+
+    def crash_at_16(x0, y):
+        if run.step == 15:
+            raise RuntimeError("killed")
+        return original(x0, y)
+
+    run.train_step = crash_at_16
+    with pytest.raises(RuntimeError, match="killed"):
+        run.run()
+    assert load_checkpoint(out / "last.pt").train_state["step"] == 10
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [5, 10, 15]
+    with (out / "log.jsonl").open("a") as log:
+        log.write('{"step": 16, "lo')
+    (out / f".best.pt.123{TEMP_SUFFIX}").write_bytes(b"half a file")
+    return out
+
+
+def resume_copy(crashed: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "resumed"
+    shutil.copytree(crashed, out)
+    return out
 
 
 def test_ema_decay_and_update():
@@ -49,7 +114,7 @@ def test_ema_decay_and_update():
     assert not any(p.requires_grad for p in ema.model.parameters())
 
 
-def test_learning_rate_warms_up_then_stays_or_follows_a_half_cosine(mnist_root, tmp_path):
+def test_learning_rate_warms_up_then_stays_or_follows_a_half_cosine(tmp_path):
     constant = TrainConfig(steps=100, warmup_steps=10)
     cosine = replace(constant, lr_decay="cosine")
     for k in range(10):  # linear warmup: update k runs at (k + 1) / warmup of the peak
@@ -61,7 +126,7 @@ def test_learning_rate_warms_up_then_stays_or_follows_a_half_cosine(mnist_root, 
     assert lr_factor(cosine, 55) == pytest.approx(0.5) and lr_factor(cosine, 100) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="constant, cosine"):
         replace(constant, lr_decay="step")
-    run = trainer(mnist_root, tmp_path, steps=6, warmup_steps=2, lr_decay="cosine", lr=1e-3)
+    run = trainer(tmp_path, steps=6, warmup_steps=2, lr_decay="cosine", lr=1e-3)
     seen = []
     for _ in range(6):  # the optimizer applies what lr_factor says, update after update
         seen.append(run.optimizer.param_groups[0]["lr"])
@@ -81,77 +146,165 @@ def test_epoch_batches_are_full_permutations_and_resume_exactly():
         next(epoch_batches(2, 3, 0, 0))
 
 
-def test_training_lowers_the_loss_and_writes_its_log(mnist_root, tmp_path):
-    result = trainer(mnist_root, tmp_path, steps=20).run()
-    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+def test_training_lowers_the_loss_and_writes_its_log(straight):
+    log = read_log(straight / "log.jsonl")
     assert [r["step"] for r in log] == [5, 10, 15, 20]
     assert set(log[0]) == {"step", "loss", "lr", "images_per_s", "elapsed_s"}
     assert log[-1]["loss"] < log[0]["loss"]
-    checkpoint = load_checkpoint(result.checkpoint)
+    checkpoint = load_checkpoint(straight / "last.pt")
     assert checkpoint.train_state["step"] == 20 and checkpoint.metadata["step"] == 20
+    assert not any((straight / name).exists() for name in ("best.pt", "samples", "snapshots"))
 
 
-def test_monitoring_keeps_the_best_model_and_changes_nothing(mnist_root, tmp_path):
-    holdout = torch.stack([x for x, _ in make_dataset("mnist", mnist_root, train=False, download=False)][:8])
-    watched = trainer(mnist_root, tmp_path / "watched", holdout=holdout, steps=20, sample_every=10, sample_images=4)
-    watched.run()
-    plain = trainer(mnist_root, tmp_path / "plain", steps=20)
-    plain.run()
-    for name, value in plain.model.state_dict().items():  # monitoring draws from its own generators
-        assert torch.equal(value, watched.model.state_dict()[name]), name
+def test_monitoring_keeps_the_best_model_snapshots_and_grids_and_changes_nothing(straight, tmp_path):
     out = tmp_path / "watched"
+    trainer(out, holdout=HOLDOUT, sample_every=10, snapshot_every=10).run()
+    assert_same_run(straight, out)  # monitoring draws from its own generators
     assert {p.name for p in (out / "samples").iterdir()} == {"step_0000010.png", "step_0000020.png"}
     assert (out / "loss.png").stat().st_size > 1000
-    heldout = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "heldout_loss" in r]
+    heldout = [r for r in read_log(out / "log.jsonl") if "heldout_loss" in r]
     assert [r["step"] for r in heldout] == [10, 20]
     best = min(heldout, key=lambda r: r["heldout_loss"])
     checkpoint = load_checkpoint(out / "best.pt")
     assert checkpoint.metadata["step"] == best["step"]
     assert checkpoint.metadata["heldout_loss"] == pytest.approx(best["heldout_loss"])
     assert load_checkpoint(out / "last.pt").train_state["best_heldout_loss"] == pytest.approx(best["heldout_loss"])
-    assert not (tmp_path / "plain" / "best.pt").exists()
 
-
-def test_snapshots_keep_the_ema_weights_along_the_way(mnist_root, tmp_path):
-    run = trainer(mnist_root, tmp_path, steps=20, snapshot_every=10)
-    run.run()
-    snapshots = sorted((tmp_path / "snapshots").iterdir())
+    snapshots = sorted((out / "snapshots").iterdir())  # the EMA weights along the way, weights only
     assert [p.name for p in snapshots] == ["step_0000010.pt", "step_0000020.pt"]
     first, last = load_checkpoint(snapshots[0]), load_checkpoint(snapshots[1])
     assert (first.metadata["step"], last.metadata["step"], last.train_state) == (10, 20, None)
-    final_ema = load_checkpoint(tmp_path / "last.pt").ema_state
-    for name, value in final_ema.items():
-        assert torch.equal(last.ema_state[name], value), name
+    final_ema = load_checkpoint(out / "last.pt").ema_state
+    assert_same_weights(last.ema_state, final_ema)
     assert any(not torch.equal(first.ema_state[name], value) for name, value in final_ema.items())
-    assert sum(p.stat().st_size for p in snapshots) < (tmp_path / "last.pt").stat().st_size  # no optimizer state
+    assert sum(p.stat().st_size for p in snapshots) < (out / "last.pt").stat().st_size  # no optimizer state
 
 
-def test_resume_gives_the_same_weights_as_a_straight_run(mnist_root, tmp_path):
-    straight = trainer(mnist_root, tmp_path / "a", steps=12)
-    straight.run()
-    trainer(mnist_root, tmp_path / "b", steps=6).run()
-    resumed = trainer(mnist_root, tmp_path / "b", steps=12)
-    resumed.run(resume=True)
-    for name, value in straight.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
-    for name, value in straight.ema.model.state_dict().items():
-        assert torch.equal(value, resumed.ema.model.state_dict()[name]), name
+def test_a_crashed_run_resumes_to_the_run_that_never_stopped(straight, crashed, tmp_path, monkeypatch):
+    out = resume_copy(crashed, tmp_path)
+    reads, plotted = [], []
+    monkeypatch.setattr(train_state, "read_log", lambda path: reads.append(path) or read_log(path))
+    monkeypatch.setattr(monitor, "plot_loss_curve", lambda records: plotted.append(list(records))
+                        or monitor.Figure())
+    # checkpoints every 5 steps now (a resumed run may change how it is watched): 15 and 20
+    trainer(out, checkpoint_every=5).run(resume=True)
+    assert_same_run(straight, out)
+    assert not list(out.glob(f"*{TEMP_SUFFIX}"))  # the killed write's leftover is gone
+    assert [r["step"] for r in read_log(out / "log.jsonl")] == [5, 10, 15, 20]  # no duplicate, no half line
+    assert len(reads) == 1  # the log is read once, at the start; the loss curve is drawn from memory
+    assert len(plotted) == 2 and plotted[-1] == read_log(out / "log.jsonl")
 
 
+def test_a_checkpoint_from_before_the_shared_generator_resumes_exactly(straight, crashed, tmp_path):
+    """The old one-process last.pt had no shared_rng: its global RNG (torch_rng) drew t and eps."""
+    out = resume_copy(crashed, tmp_path)
+    payload = torch.load(out / "last.pt", weights_only=True)
+    state = payload["train_state"]
+    state["torch_rng"] = state.pop("shared_rng")
+    torch.save(payload, out / "last.pt")
+    trainer(out).run(resume=True)
+    assert_same_run(straight, out)
+
+
+def test_a_signal_stops_after_the_step_with_last_pt_saved(tmp_path):
+    run = trainer(tmp_path, steps=10)
+    original = run.train_step
+
+    def signalled_in_step_3(x0, y):
+        if run.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # recorded; the step still finishes
+        return original(x0, y)
+
+    run.train_step = signalled_in_step_3
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingInterrupted, match="SIGTERM at step 3") as stopped:
+        run.run()
+    assert stopped.value.signum == signal.SIGTERM and stopped.value.checkpoint == tmp_path / "last.pt"
+    assert load_checkpoint(tmp_path / "last.pt").train_state["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == handler  # the handlers are put back
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    run = trainer(tmp_path, steps=30, checkpoint_every=5)
+    original = run.train_step
+
+    def poisoned(x0, y):
+        return original(x0 * float("nan") if run.step == 7 else x0, y)
+
+    run.train_step = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"at step 8.*step 5"):
+        run.run()
+    assert load_checkpoint(tmp_path / "last.pt").train_state["step"] == 5
+
+
+def edited(folder: Path, edit) -> Path:
+    """A copy of `folder`'s run whose last.pt `edit` changed (a dict -> None function)."""
+    copy = folder.parent / f"{folder.name}-edited-{len(list(folder.parent.iterdir()))}"
+    shutil.copytree(folder, copy)
+    payload = torch.load(copy / "last.pt", weights_only=True)
+    edit(payload)
+    torch.save(payload, copy / "last.pt")
+    return copy
+
+
+def test_bad_resume_states_are_refused_in_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        trainer(tmp_path / "none", steps=2).run(resume=True)
+    run = tmp_path / "run"
+    trainer(run, steps=2).run()
+    before = (run / "last.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        trainer(run, steps=4).run()
+    refusals = [
+        (run, dict(model=replace(TINY_UNET, base_channels=64)), "another configuration"),
+        (run, dict(lr=2e-3, seed=1), r"other settings \(lr 0.001 -> 0.002; seed 0 -> 1\)"),
+        (edited(run, lambda p: p["train_state"].update(world_size=2)), {}, r"trained by 2 process\(es\)"),
+        (edited(run, lambda p: p["train_state"].pop("optimizer")), {}, "training state is damaged"),
+        (edited(run, lambda p: p["train_state"].update(shared_rng="garbage")), {}, "training state is damaged"),
+        (edited(run, lambda p: p.update(train_state=None)), {}, "holds weights only"),
+    ]
+    for folder, changes, message in refusals:
+        with pytest.raises(ValueError, match=message) as refused:
+            trainer(folder, **{"steps": 4, **changes}).run(resume=True)
+        assert "\n" not in str(refused.value)
+    assert (run / "last.pt").read_bytes() == before  # nothing saved was overwritten
+
+
+def test_train_command_bad_input_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from ddpm_core.cli import main
+
+    monkeypatch.setenv("DDPM_THREADS", str(torch.get_num_threads()))  # no load measurement per call
+    for args, message in (
+        (["--profile", "huge"], "smoke, laptop, mnist-gpu, cifar10-paper"),
+        (["--profile", "smoke", "--dataset", "imagenet"], "mnist, cifar10, folder"),
+        (["--profile", "smoke", "--schedule", "sigmoid"], "linear, cosine"),
+        (["--profile", "smoke", "--dataset", "cifar10"], "profiles for cifar10: cifar10-paper"),
+    ):
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "run").exists()
+
+
+# -- the real command, killed for real --------------------------------------------------------
 def run_train(root: Path, out: Path, *extra: str) -> subprocess.Popen:
     command = [sys.executable, "-m", "ddpm_core", "train", "--profile", "smoke", "--out", str(out),
                "--data-root", str(root), "--device", "cpu", "--no-progress", *extra]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_sigkill_then_resume_equals_a_run_that_never_stopped(mnist_root, tmp_path):
+@pytest.mark.slow  # three smoke runs of the command line (minutes on a busy 2-core CPU)
+def test_sigkill_then_resume_equals_a_run_that_never_stopped(tmp_path):
+    root = tmp_path / "data"
+    write_fake_mnist(root, n=48)
     steps = ["--steps", "40"]
-    straight = run_train(mnist_root, tmp_path / "straight", *steps)
-    assert straight.wait(timeout=300) == 0, straight.stderr.read()
+    straight = run_train(root, tmp_path / "straight", *steps)
+    assert straight.wait(timeout=600) == 0, straight.stderr.read()
 
-    victim = run_train(mnist_root, tmp_path / "killed", *steps)
+    victim = run_train(root, tmp_path / "killed", *steps)
     log = tmp_path / "killed" / "log.jsonl"
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:  # kill it once it has checkpointed (every 10 steps) and moved on
         if log.exists() and any(json.loads(l)["step"] >= 15 for l in log.read_text().splitlines() if l.strip()):
             break
@@ -162,57 +315,10 @@ def test_sigkill_then_resume_equals_a_run_that_never_stopped(mnist_root, tmp_pat
     killed_at = load_checkpoint(tmp_path / "killed" / "last.pt").train_state["step"]
     assert 10 <= killed_at < 40
 
-    resumed = run_train(mnist_root, tmp_path / "killed", *steps, "--resume")
-    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    resumed = run_train(root, tmp_path / "killed", *steps, "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     a = load_checkpoint(tmp_path / "straight" / "last.pt")
     b = load_checkpoint(tmp_path / "killed" / "last.pt")
     assert b.train_state["step"] == 40
-    for name, value in a.model_state.items():
-        assert torch.equal(value, b.model_state[name]), name
-    for name, value in a.ema_state.items():
-        assert torch.equal(value, b.ema_state[name]), name
-
-
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(mnist_root, tmp_path, monkeypatch):
-    run = trainer(mnist_root, tmp_path, steps=30, checkpoint_every=10)
-    original = run.train_step
-
-    def poisoned(x0, y):
-        return original(x0 * float("nan") if run.step == 14 else x0, y)
-
-    monkeypatch.setattr(run, "train_step", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"at step 15.*step 10"):
-        run.run()
-    assert load_checkpoint(tmp_path / "last.pt").train_state["step"] == 10
-
-
-def test_bad_resume_states_are_refused(mnist_root, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        trainer(mnist_root, tmp_path / "none", steps=2).run(resume=True)
-    trainer(mnist_root, tmp_path / "run", steps=2).run()
-    before = (tmp_path / "run" / "last.pt").read_bytes()
-    with pytest.raises(FileExistsError, match="--resume"):
-        trainer(mnist_root, tmp_path / "run", steps=4).run()
-    other = Trainer(replace(SMOKE.model, base_channels=64), SMOKE.diffusion, replace(SMOKE.train, steps=4),
-                    make_dataset("mnist", mnist_root, download=False), tmp_path / "run")
-    with pytest.raises(ValueError, match="another configuration"):
-        other.run(resume=True)
-    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # nothing saved was overwritten
-
-
-def test_train_command_bad_input_is_one_clear_line(tmp_path):
-    def train(*args):
-        return subprocess.run([sys.executable, "-m", "ddpm_core", "train", "--out", str(tmp_path / "run"), *args],
-                              capture_output=True, text=True, timeout=120)
-
-    for args, message in (
-        (["--profile", "huge"], "smoke, laptop, mnist-gpu, cifar10-paper"),
-        (["--profile", "smoke", "--dataset", "imagenet"], "mnist, cifar10, folder"),
-        (["--profile", "smoke", "--data-root", str(tmp_path / "nothing")], "could not be downloaded"),
-        (["--profile", "smoke", "--schedule", "sigmoid"], "linear, cosine"),
-        (["--profile", "smoke", "--dataset", "cifar10"], "profiles for cifar10: cifar10-paper"),
-    ):
-        result = train(*args)
-        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
-        assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+    assert_same_weights(a.model_state, b.model_state)
+    assert_same_weights(a.ema_state, b.ema_state)
