@@ -1,8 +1,9 @@
 """ddpm_core: Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020), readable and tested.
 
 Modules, in the order data flows: config -> schedule -> diffusion (forward process, loss) ->
-layers / unet / denoisers (the model) -> training -> sampling (DDPM, DDIM) -> classifier / guidance
--> generation (N images from a checkpoint) -> evaluation -> plotting / widgets -> cli.
+layers / unet / denoisers (the model) -> data -> profiles / runs -> training (train_state,
+monitor) -> sampling (DDPM, DDIM) -> classifier / guidance -> generation (N images from a
+checkpoint) -> evaluation -> plotting / widgets -> cli / commands. README.md has the full table.
 """
 
 from ddpm_core.config import DiffusionConfig, ModelConfig
