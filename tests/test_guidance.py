@@ -9,9 +9,8 @@ from ddpm_core.classifier import (
     ClassifierConfig, NoisyClassifier, accuracy_by_timestep, load_noisy_classifier,
     save_noisy_classifier, train_noisy_classifier,
 )
-from ddpm_core.config import DiffusionConfig, replace
-from ddpm_core.classifier_runs import trained_classifier
-from ddpm_core.config import SamplerConfig
+from ddpm_core.classifier_runs import train_classifier, trained_classifier
+from ddpm_core.config import ClassifierConfig, DiffusionConfig, SamplerConfig, replace
 from ddpm_core.generation import generate
 from ddpm_core.guidance import ClassifierFreeGuidance, classifier_grad, classifier_guidance
 from ddpm_core.runs import class_conditional, resolve_run
@@ -211,6 +210,30 @@ def test_the_class_conditional_spec_is_the_same_budget_with_labels():
     assert resolve_run("laptop", num_classes=10, label_dropout=0.1).key == conditional.key
     with pytest.raises(ValueError, match="labelled data"):
         class_conditional(resolve_run("laptop", dataset="folder"))
+
+
+def test_a_classifier_depends_on_its_settings_not_on_what_ran_before(tmp_path):
+    """Its initial weights come from ClassifierConfig.seed: the command line and a notebook,
+    which draw different amounts from the global RNG first, train the same classifier."""
+    write_fake_mnist(tmp_path / "data", n=24)
+    spec, config = resolve_run("smoke"), ClassifierConfig(steps=2, batch_size=8)
+
+    def weights(name: str) -> list[torch.Tensor]:
+        train_classifier(spec.model, spec.diffusion, "mnist", config, tmp_path / name, tmp_path / "data", eval_images=0)
+        return list(load_noisy_classifier(tmp_path / name)[0].state_dict().values())
+
+    first = weights("a.pt")
+    torch.rand(1000)  # what some other code drew before
+    for a, b in zip(first, weights("b.pt")):
+        assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(first, weights_of_seed(spec, config, tmp_path)))
+
+
+def weights_of_seed(spec, config, tmp_path) -> list[torch.Tensor]:
+    """The weights of the same classifier with seed + 1."""
+    train_classifier(spec.model, spec.diffusion, "mnist", replace(config, seed=config.seed + 1), tmp_path / "c.pt",
+                     tmp_path / "data", eval_images=0)
+    return list(load_noisy_classifier(tmp_path / "c.pt")[0].state_dict().values())
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
