@@ -60,7 +60,8 @@ def main() -> None:
                                           seed=args.seed, device=device)))
         seconds = time.perf_counter() - start
         verdict = judge(judge_model, samples)
-        run = {"checkpoint": str(path), "step": checkpoint.metadata.get("step"), **to_dict(sampler), "num": args.num, "confident_fraction": verdict.confident_fraction,
+        run = {"checkpoint": str(path), "step": checkpoint.metadata.get("step"), **to_dict(sampler),
+               "num": args.num, "confident_fraction": verdict.confident_fraction,
                "classes_seen": verdict.classes_seen, "class_counts": verdict.class_counts,
                "sampling_seconds": round(seconds, 1)}
         results["runs"].append(run)

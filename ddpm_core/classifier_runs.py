@@ -90,6 +90,9 @@ def trained_judge(data_root: str | Path | None = None, root: str | Path | None =
                   device: str | torch.device = "cpu", progress: bool = False) -> Path:
     """The clean-MNIST judge (`ddpm_core.judge`) at `judge_path(root)`, trained for one epoch
     now if missing, with its test accuracy in the file's metadata."""
+    if root is not None and Path(root).suffix == ".pt":
+        raise ValueError(f"trained_judge takes the runs folder (root), not a file: the judge is "
+                         f"judge_path(root) = ROOT/mnist_judge.pt; got {root}")
     path = judge_path(root)
     if path.is_file():
         return path

@@ -53,14 +53,32 @@ def generate(source: Checkpoint | Denoiser, num_images: int, sampler: SamplerCon
     `NoisyClassifier`, or the path of one, checked against the checkpoint's diffusion) at
     `guidance_scale`. Without labels a class-conditional model samples unconditionally (its
     "no class" label). generator: drives every draw (default: seeded by `seed` on `device`).
+    Bad combinations are refused at the call, before any image is drawn.
     """
+    if num_images < 0 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f"generate needs num_images >= 0 and batch_size >= 1 (or None: "
+                         f"{default_batch_size('cpu')} on a CPU), got {num_images} and {batch_size}")
+    if isinstance(source, ClassifierFreeGuidance):
+        raise ValueError("pass the class-conditional model itself, with guidance_weight=w: generate wraps it "
+                         "for classifier-free guidance")
     model, schedule, device = _model_and_schedule(source, schedule, device, use_ema)
     labels = _labels(labels, num_images)
+    shape = _image_shape(model, source)
     model, classifier = _guided(model, source, labels, classifier, guidance_weight, device)
+    if classifier is not None:
+        classifier_guidance(classifier, labels, guidance_scale)  # refuses a bad scale now, not at the first batch
     if generator is None:
         generator = make_generator(seed, device)
-    batch_size = batch_size or default_batch_size(device)
-    shape = _image_shape(model, source)
+    # everything above is checked now, at the call; the batches are drawn as they are asked for
+    return _batches(model, schedule, shape, num_images, sampler, labels, classifier, guidance_scale,
+                    batch_size or default_batch_size(device), generator, device, progress)
+
+
+def _batches(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, int, int], num_images: int,
+             sampler: SamplerConfig, labels: torch.Tensor | None, classifier: NoisyClassifier | None,
+             guidance_scale: float, batch_size: int, generator: torch.Generator, device: torch.device,
+             progress: bool) -> Iterator[torch.Tensor]:
+    """`generate`'s loop: one `sample` call per batch, all from one generator."""
     with tqdm(total=num_images, desc="samples", unit="img", disable=not progress) as bar:
         for first in range(0, num_images, batch_size):
             size = min(batch_size, num_images - first)
@@ -144,8 +162,6 @@ def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
 def _image_shape(model: Denoiser, source) -> tuple[int, int, int]:
     """(C, H, W) of the images the model makes."""
     config = source.model_config if isinstance(source, Checkpoint) else getattr(model, "config", None)
-    if config is None and isinstance(model, ClassifierFreeGuidance):
-        config = model.model.config
     if config is None:
         raise ValueError("generate cannot tell the image shape of this model: pass a checkpoint, or a model with "
                          "a `config` (ModelConfig)")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import get_args
 
 from ddpm_core.config import MetricName, ScheduleName
-from ddpm_core.data import DatasetName
+from ddpm_core.config import DatasetName
 from ddpm_core.profiles import PROFILES
 from ddpm_core.runs import resolve_parameters
 from ddpm_core.runtime import resolve_device

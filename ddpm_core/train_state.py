@@ -145,9 +145,13 @@ class TrainState:
         torch.set_rng_state(own["cpu"].cpu())
         if own["cuda"] is not None and device.type == "cuda":
             torch.cuda.set_rng_state(own["cuda"].cpu(), device)
-        # a one-process file from before the generator existed: its global RNG drew the batch's draws
-        legacy = own["cuda"] if device.type == "cuda" else own["cpu"]
-        shared = state["shared_rng"] if "shared_rng" in state or self.place.enabled else legacy
+        shared = state["shared_rng"] if "shared_rng" in state or self.place.enabled else None
+        if shared is None and not self.place.enabled:
+            # a one-process file from before the generator existed: its global RNG drew the batch's
+            # draws, so they continue from it; the global RNG then draws only what this process
+            # draws alone (dropout, flips), seeded as a new run seeds it
+            shared = own["cuda"] if device.type == "cuda" else own["cpu"]
+            torch.manual_seed(self.config.seed + 1 + self.place.rank)
         if shared is None or shared.numel() != self.generator.get_state().numel():
             log.warning("%s was trained on another kind of device: the draws continue from a new stream, so this "
                         "run will not match one that never stopped", path)

@@ -141,7 +141,10 @@ class Trainer:
         # (after the initial weights: where one process drew them before it had a generator);
         # then each rank reseeds its global RNG for what it draws alone.
         generator = torch.Generator(device=self.device)
-        generator.set_state(torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state())
+        if self.device.type in ("cpu", "cuda"):
+            generator.set_state(torch.cuda.get_rng_state(self.device) if cuda else torch.get_rng_state())
+        else:  # MPS and others: their generators hold another kind of state, so seed one afresh
+            generator.manual_seed(train_config.seed)
         torch.manual_seed(train_config.seed + 1 + place.rank)
         self.state = TrainState(model_config, diffusion_config, train_config, place, dict(extra or {}),
                                 self.model, self.ema.model, self.optimizer, self.scheduler, generator)

@@ -97,5 +97,18 @@ def test_combinations_that_cannot_work_are_refused_before_sampling(conditional, 
 
 def test_a_bare_model_needs_its_schedule_and_the_batch_size_follows_the_device():
     with pytest.raises(ValueError, match="needs the model's schedule"):
-        next(generate(model_of(), 1, DDIM))
+        generate(model_of(), 1, DDIM)  # refused at the call, before the first batch is asked for
     assert default_batch_size("cpu") == 64 and default_batch_size(torch.device("cuda", 0)) == 256
+
+
+@pytest.mark.parametrize("source, options, message", [
+    (ClassifierFreeGuidance(model_of(replace(TINY, num_classes=10)), 1.0), dict(labels=[3]),
+     "pass the class-conditional model itself, with guidance_weight"),
+    (model_of(), dict(batch_size=0), "batch_size >= 1"),
+    (model_of(), dict(num_images=-1), "num_images >= 0"),
+    (model_of(), dict(labels=[1], classifier=NoisyClassifier(TINY), guidance_scale=float("nan")), "finite"),
+])
+def test_bad_arguments_are_refused_at_the_call(source, options, message):
+    options = {"num_images": 2, **options}
+    with pytest.raises(ValueError, match=message):
+        generate(source, sampler=DDIM, schedule=SCHEDULE, **options)
