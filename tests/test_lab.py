@@ -203,7 +203,9 @@ def open_and_run_all(browser, lab: Lab, name: str):
                 const text = [...document.querySelectorAll(`${panel} .jp-OutputArea-output`)]
                              .map(o => o.textContent).join('\\n');
                 if (text.includes('Traceback (most recent call last)')) return true;
-                const prompts = [...document.querySelectorAll(`${panel} .jp-CodeCell .jp-InputPrompt`)];
+                // a collapsed cell (the notebooks' solutions) shows a placeholder whose prompt stays empty
+                const prompts = [...document.querySelectorAll(`${panel} .jp-CodeCell .jp-InputPrompt`)]
+                                .filter(p => !p.closest('.jp-InputPlaceholder'));
                 return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.textContent));
             }""", arg=PANEL, timeout=RUN_ALL_TIMEOUT_MS, polling=1000)
     except sync_api.TimeoutError:
