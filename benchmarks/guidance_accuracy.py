@@ -23,11 +23,12 @@ from common import RESULTS, machine, write_results
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.classifier_runs import trained_classifier, trained_judge
 from ddpm_core.config import SamplerConfig, to_dict
-from ddpm_core.generation import generate
+from ddpm_core.generation import generate, load_guidance_classifier
 from ddpm_core.judge import judge, load_digit_classifier
 from ddpm_core.plotting import save_image_grid
 from ddpm_core.runs import class_conditional, resolve_run, trained_checkpoint
 from ddpm_core.runtime import resolve_device
+from ddpm_core.schedule import NoiseSchedule
 
 
 def grid_rows(samples: torch.Tensor, labels: torch.Tensor, per_row: int = 10) -> torch.Tensor:
@@ -87,21 +88,26 @@ def main() -> None:
     labels = torch.arange(args.num) % 10
     sampler = SamplerConfig(args.sampler, args.steps if args.sampler == "ddim" else None, eta=args.eta)
 
-    def draw(checkpoint, **guidance) -> tuple[torch.Tensor, float]:
+    # built and loaded once, so that each row times the sampling alone
+    unconditional = load_checkpoint(timings["unconditional model"][0])
+    classifier = load_guidance_classifier(timings["noisy classifier"][0], unconditional, device)
+    schedule = NoiseSchedule.from_config(unconditional.diffusion_config)
+
+    def draw(model, **guidance) -> tuple[torch.Tensor, float]:
         """The samples for `labels` (the same starting noise for every setting) and their time."""
         start = time.perf_counter()
-        samples = torch.cat(list(generate(checkpoint, args.num, sampler, labels, batch_size=args.batch, seed=args.seed,
-                                          device=device, **guidance)))
+        samples = torch.cat(list(generate(model, args.num, sampler, labels, schedule=schedule, batch_size=args.batch,
+                                          seed=args.seed, device=device, **guidance)))
         return samples, time.perf_counter() - start
 
     rows = []
-    unconditional = load_checkpoint(timings["unconditional model"][0])
+    model = unconditional.build_model().to(device)
     for s in args.scales:
-        samples, seconds = draw(unconditional, classifier=timings["noisy classifier"][0], guidance_scale=s)
+        samples, seconds = draw(model, classifier=classifier, guidance_scale=s)
         rows.append(score("classifier", s, samples, labels, judge_model, seconds, args.tag))
-    conditional = load_checkpoint(timings["conditional model"][0])
+    model = load_checkpoint(timings["conditional model"][0]).build_model().to(device)
     for w in args.weights:
-        samples, seconds = draw(conditional, guidance_weight=w)
+        samples, seconds = draw(model, guidance_weight=w)
         rows.append(score("classifier-free", w, samples, labels, judge_model, seconds, args.tag))
     write_results(f"guidance_accuracy{args.tag}", {
         "machine": machine(), "profile": args.profile, "sampler": to_dict(sampler), "num_per_scale": args.num,

@@ -139,13 +139,16 @@ def _guided(model: Denoiser, source, labels: torch.Tensor | None, classifier, gu
                          "(--class needs --classifier PATH, from `python -m ddpm_core train-classifier`), "
                          "or sample a class-conditional checkpoint")
     if not isinstance(classifier, NoisyClassifier):
-        classifier = _load_classifier(Path(classifier), source, device)
+        classifier = load_guidance_classifier(Path(classifier), source, device)
     _check_labels(labels, classifier.num_classes)
     return model, classifier.to(device)
 
 
-def _load_classifier(path: Path, source, device: torch.device) -> NoisyClassifier:
-    """A classifier file, refused when it was trained for another diffusion than the checkpoint's."""
+def load_guidance_classifier(path: str | Path, source: Checkpoint | Denoiser,
+                             device: torch.device | str = "cpu") -> NoisyClassifier:
+    """A noise-aware classifier file on `device`, refused when it was trained for another
+    diffusion than the checkpoint `source`'s (what `generate` does with a classifier path;
+    load it once with this to reuse it across calls)."""
     classifier, diffusion = load_noisy_classifier(path, device)
     if isinstance(source, Checkpoint) and diffusion != source.diffusion_config:
         raise ValueError(f"the classifier {path} was trained for {diffusion}, the checkpoint uses "
