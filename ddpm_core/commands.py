@@ -191,7 +191,9 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                                       progress=args.progress), seed=args.seed)
     seconds = time.perf_counter() - start
     report = {
-        "metric": metric, "feature_extractor": evaluator.extractor.identity, **scores, "num_samples": args.num_samples,
+        "metric": metric, "feature_extractor": evaluator.extractor.identity,
+        **{name: scores[name] for name in ("fid", "inception_score", "inception_score_std")},
+        "num_samples": args.num_samples,
         "checkpoint": str(args.checkpoint), "checkpoint_step": checkpoint.metadata.get("step"),
         "ema": args.ema and checkpoint.ema_state is not None,
         **sampler_report(sampler, checkpoint.diffusion_config.num_timesteps),
@@ -201,7 +203,6 @@ def run_evaluate(args: argparse.Namespace) -> dict:
                       "file": str(evaluator.reference_file)},
         "device": str(device), "seconds": round(seconds, 2), "samples_per_s": round(args.num_samples / seconds, 2),
     }
-    del report["num_images"]  # the score's count is num_samples
     if metric == "mnist":
         report["note"] = "MNIST FID (the judge's 128 features), not comparable with Inception FID"
     if args.floor:
