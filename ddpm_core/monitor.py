@@ -49,17 +49,23 @@ def heldout_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, nu
     return sum(losses) / len(losses)
 
 
-def write_sample_grid(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], path: str | Path,
-                      steps: int = 100, eta: float = 1.0, seed: int = 0) -> Path:
-    """DDIM samples (fixed seed, so grids of one run show the same starting noise) as a PNG.
+def grid_samples(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], steps: int = 100,
+                 eta: float = 1.0, seed: int = 0) -> torch.Tensor:
+    """DDIM samples (B, C, H, W) in [-1, 1] from noise fixed by `seed`, so that the grids of
+    one run show the same starting noise at every stage of training.
 
     eta = 1 by default: on short runs the fresh noise of each step washes out the speckle that
     deterministic DDIM (eta = 0) leaves (measured on the laptop profile, see README)."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    samples = ddim_sample(model, schedule, shape, num_steps=min(steps, schedule.num_timesteps), eta=eta,
-                          generator=generator)
-    return save_image_grid(samples.samples, path)
+    return ddim_sample(model, schedule, shape, num_steps=min(steps, schedule.num_timesteps), eta=eta,
+                       generator=generator).samples
+
+
+def write_sample_grid(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], path: str | Path,
+                      steps: int = 100, eta: float = 1.0, seed: int = 0) -> Path:
+    """`grid_samples` as a PNG grid at `path`."""
+    return save_image_grid(grid_samples(model, schedule, shape, steps, eta, seed), path)
 
 
 def plot_loss_curve(records: list[dict] | dict[str, list[dict]]) -> Figure:

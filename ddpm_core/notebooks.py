@@ -77,6 +77,9 @@ CHOICES = {
     "metric": ("auto", *get_args(MetricName)),
     "free_guidance": ("auto",),
 }
+# What nobody sees in a headless batch, so it runs only when asked for: notebook 02's live view
+# of its training (`-p watch True` draws it anyway; `make test` does, to test it).
+HEADLESS = {"watch": False}
 # What the notebooks' setup cells pass to runs.resolve_notebook, in its order: checked together here.
 SETUP = ("profile", "dataset", "schedule", "attention", "device")
 # The types an annotation may name. papermill 2.7 reads `name: type = value` only when the type is
@@ -267,13 +270,17 @@ def run_notebooks(folder: str | Path, out: str | Path, parameters: dict, prepare
     `parameters` cell declares, checked first by `validate_parameters`) injected after that
     cell, writing the executed copies to `out`. Each runs with its own folder as the working
     directory, so the notebooks' relative paths (../data, ../figures) hold.
-    `prepare_only` writes the parameterised copies without running them (for nbval).
+    `prepare_only` writes the parameterised copies without running them (for nbval). What
+    `HEADLESS` lists is passed too, to the notebooks that declare it, unless given.
     Returns [{"notebook", "seconds"}]; raises NotebookFailed on the first error."""
     import papermill
     from papermill.exceptions import PapermillExecutionError
 
     paths = notebook_paths(folder)
     subsets = validate_parameters(paths, parameters)  # before anything is written or run
+    for path, subset in subsets.items():
+        declared = read_parameters(path)
+        subset.update({name: value for name, value in HEADLESS.items() if name in declared and name not in parameters})
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = []

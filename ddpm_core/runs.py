@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -117,9 +118,10 @@ def run_dir(spec: RunSpec, root: str | Path | None = None) -> Path:
 
 def train_run(spec: RunSpec, out: str | Path, data_root: str | Path | None = None,
               device: str | torch.device = "cpu", resume: bool = False, progress: bool = False,
-              holdout_images: int = 128, place: Distributed = Distributed()) -> TrainResult:
+              holdout_images: int = 128, place: Distributed = Distributed(),
+              extra_hooks: Sequence = ()) -> TrainResult:
     """Train `spec` into `out` (resuming from out/last.pt with `resume`); under torchrun,
-    `place` is this rank's (`ddpm_core.distributed.setup`)."""
+    `place` is this rank's (`ddpm_core.distributed.setup`). `extra_hooks`: `Trainer.run`'s."""
     model = spec.model
     holdout = None
     with place.main_first():  # rank 0 downloads the dataset, if it must, before the others read it
@@ -131,20 +133,21 @@ def train_run(spec: RunSpec, out: str | Path, data_root: str | Path | None = Non
     trainer = Trainer(model, spec.diffusion, spec.train, dataset, out, device,
                       extra={"profile": spec.profile, "dataset": spec.dataset, "run_key": spec.key},
                       holdout=holdout, place=place)
-    return trainer.run(resume=resume, progress=progress)
+    return trainer.run(resume=resume, progress=progress, extra_hooks=extra_hooks)
 
 
 def trained_checkpoint(spec: RunSpec, data_root: str | Path | None = None, device: str | torch.device = "cpu",
-                       root: str | Path | None = None, progress: bool = False) -> Path:
+                       root: str | Path | None = None, progress: bool = False, extra_hooks: Sequence = ()) -> Path:
     """The path of `spec`'s finished last.pt: trained now if missing, completed if a previous
-    run stopped early, returned at once if it is there."""
+    run stopped early, returned at once if it is there. `extra_hooks` watch the training, if
+    any (`Trainer.run`)."""
     out = run_dir(spec, root)
     last = out / "last.pt"
     if last.is_file() and load_checkpoint(last).metadata.get("step", 0) >= spec.train.steps:
         log.info("using the cached run %s", out)
         return last
     log.info("training %s into %s", spec.profile, out)
-    train_run(spec, out, data_root, device, resume=last.is_file(), progress=progress)
+    train_run(spec, out, data_root, device, resume=last.is_file(), progress=progress, extra_hooks=extra_hooks)
     return last
 
 

@@ -24,6 +24,7 @@ import copy
 import math
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,8 +205,10 @@ class Trainer:
         return loss.detach()
 
     # -- the run ----------------------------------------------------------------------------
-    def run(self, resume: bool = False, progress: bool = False) -> TrainResult:
+    def run(self, resume: bool = False, progress: bool = False, extra_hooks: Sequence = ()) -> TrainResult:
         """Train until `config.steps`; with `resume`, continue from out/last.pt first.
+        `extra_hooks` run on rank 0 after the library's (`hooks`), e.g. a notebook's live view
+        (`ddpm_core.widgets.TrainingView`).
 
         The run owns its folder meanwhile (`files.folder_lock`: a second run into it is
         refused, naming this one), and SIGINT / SIGTERM stop it after the current step with
@@ -219,7 +222,7 @@ class Trainer:
             with RunLog(self.out / "log.jsonl", self.step, enabled=main) as log, \
                     tqdm(total=self.config.steps, initial=self.step, desc="training",
                          disable=not (progress and main)) as bar:
-                loss = self.loop(self.hooks(log, bar), stop, bar)
+                loss = self.loop(self.hooks(log, bar, extra_hooks), stop, bar)
         self.place.barrier()  # every rank returns once rank 0 has written the last checkpoint
         seconds = time.perf_counter() - start
         images = self.config.batch_size * (self.step - first_step)
@@ -240,13 +243,14 @@ class Trainer:
         if self.place.is_main:
             remove_orphans(self.out)
 
-    def hooks(self, log: RunLog, bar: tqdm) -> list:
+    def hooks(self, log: RunLog, bar: tqdm, extra_hooks: Sequence = ()) -> list:
         """What runs after each step, in this order, each when it is due (`ddpm_core.monitor`):
         the log line, the checkpoint (held-out loss, best.pt, last.pt, loss.png), and on rank 0
-        the EMA snapshot and the sample grid."""
+        the EMA snapshot, the sample grid and then `extra_hooks`. A hook is any object with
+        `after_step(trainer, loss, stopping)`."""
         hooks = [LogWindow(log, bar), Checkpointing(log)]
         if self.place.is_main:
-            hooks += [Snapshots(), SampleGrids()]
+            hooks += [Snapshots(), SampleGrids(), *extra_hooks]
         return hooks
 
     def loop(self, hooks: list, stop: list[int], bar: tqdm) -> float | None:
