@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import run_main
-from ddpm_core.notebooks import (NotebookFailed, notebook_paths, parse_value, read_parameters, run_notebooks,
+from ddpm_core.notebooks import (HEADLESS, NotebookFailed, notebook_paths, parse_value, read_parameters, run_notebooks,
                                  validate_parameters)
 from ddpm_core.plotting import plot_image_table, plot_pixel_histogram, plot_timestep_embedding, save_gif
 from ddpm_core.widgets import figure_controls, figure_slider
@@ -238,6 +238,7 @@ def test_values_that_fit_are_passed_to_the_notebooks_that_declare_them(tmp_path)
 
 def test_prepared_notebooks_hold_their_own_parameters_after_the_annotated_cell(tmp_path, caplog):
     parameters = smoke_parameters(tmp_path)
+    assert parameters.pop("watch") is True  # make test draws notebook 02's live view, to test it
     with caplog.at_level(logging.WARNING, logger="papermill"):
         run_notebooks(ROOT / "notebooks", tmp_path / "prepared", parameters, prepare_only=True)
     assert not [r.getMessage() for r in caplog.records if r.name.startswith("papermill")]  # "Passed unknown parameter"
@@ -249,8 +250,12 @@ def test_prepared_notebooks_hold_their_own_parameters_after_the_annotated_cell(t
         exec(cells[at].source, namespace)  # the annotations evaluate with builtins only
         defaults = {name: namespace[name] for name in read_parameters(path)}
         exec(cells[at + 1].source, namespace)
-        given = {k: v for k, v in parameters.items() if k in defaults}
+        given = {k: v for k, v in {**HEADLESS, **parameters}.items() if k in defaults}  # headless: no live view
         assert {name: namespace[name] for name in defaults} == {**defaults, **given}
+        assert ("watch" in defaults) == path.name.startswith("02") and namespace.get("watch") in (None, False)
+    run_notebooks(ROOT / "notebooks", tmp_path / "watched", {**parameters, "watch": True}, prepare_only=True)
+    cells = nbformat.read(tmp_path / "watched" / NOTEBOOKS[1].name, as_version=4).cells
+    assert "watch = True" in next(c.source for c in cells if "injected-parameters" in c.metadata.get("tags", []))
 
 
 def test_the_command_line_refuses_a_misspelt_parameter_in_one_line(tmp_path, monkeypatch, capsys, fixed_threads):

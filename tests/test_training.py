@@ -25,6 +25,8 @@ from ddpm_core import monitor, train_state
 from ddpm_core.checkpoint import load_checkpoint
 from ddpm_core.config import DiffusionConfig, replace
 from ddpm_core.files import TEMP_SUFFIX
+from ddpm_core.plotting import plot_image_grid
+from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.training import (
     EMA, NonFiniteLossError, TrainConfig, Trainer, TrainingInterrupted, epoch_batches, lr_factor, read_log,
 )
@@ -178,6 +180,48 @@ def test_monitoring_keeps_the_best_model_snapshots_and_grids_and_changes_nothing
     assert_same_weights(last.ema_state, final_ema)
     assert any(not torch.equal(first.ema_state[name], value) for name, value in final_ema.items())
     assert sum(p.stat().st_size for p in snapshots) < (out / "last.pt").stat().st_size  # no optimizer state
+
+
+def test_a_notebooks_live_view_redraws_when_due_and_changes_nothing(straight, tmp_path, monkeypatch):
+    from IPython.display import DisplayHandle
+
+    from ddpm_core.widgets import TrainingView
+
+    shown = []  # (what, handle id, figure), in order
+    monkeypatch.setattr(DisplayHandle, "display", lambda self, figure: shown.append(("display", self.display_id, figure)))
+    monkeypatch.setattr(DisplayHandle, "update", lambda self, figure: shown.append(("update", self.display_id, figure)))
+    out = tmp_path / "viewed"
+    view = TrainingView(every=10, images=3, sampler_steps=4, seed=7)
+    trainer(out).run(extra_hooks=[view])
+    assert_same_run(straight, out)  # the view samples with its own generator and only reads the log
+
+    # due at the first log line (5), every 10 steps and at the last (20): two handles, displayed once
+    assert [(what, handle) for what, handle, _ in shown] == [
+        ("display", view.curve.display_id), ("display", view.grid.display_id)] + [
+        ("update", view.curve.display_id), ("update", view.grid.display_id)] * 2
+    curves, grids = shown[0::2], shown[1::2]
+    assert [c[2]._suptitle.get_text() for c in curves] == ["step 5 of 20", "step 10 of 20", "step 20 of 20"]
+    last_curve = curves[-1][2].axes[0].lines[0]  # the training loss, every log line so far
+    assert list(last_curve.get_xdata()) == [5, 10, 15, 20]
+    # the last grid is the final EMA weights sampled from the view's noise
+    final = load_checkpoint(out / "last.pt").build_model()
+    expected = monitor.grid_samples(final, NoiseSchedule.from_config(DIFFUSION), (3, 1, 8, 8), 4, seed=7)
+    drawn, wanted = (torch.as_tensor(figure.axes[0].images[0].get_array().data)
+                     for figure in (grids[-1][2], plot_image_grid(expected, nrow=3)))
+    assert drawn.shape == (8 + 4, 3 * (8 + 2) + 2, 3)  # one row of 3 images, torchvision's 2-pixel padding
+    torch.testing.assert_close(drawn, wanted)
+    assert grids[-1][2].axes[0].get_title() == "EMA samples at step 20 (DDIM, 4 steps)"
+
+
+def test_the_live_views_interval_and_its_refusals():
+    from ddpm_core.widgets import TrainingView
+
+    assert TrainingView().interval(1800, 25) == 225  # laptop: an eighth of the run, whole log windows
+    assert TrainingView().interval(20, 5) == 5  # smoke: at least one log window
+    assert TrainingView(every=7).interval(1800, 25) == 7
+    for bad in ({"every": -1}, {"images": 0}, {"sampler_steps": 0}):
+        with pytest.raises(ValueError, match="TrainingView needs"):
+            TrainingView(**bad)
 
 
 def test_a_crashed_run_resumes_to_the_run_that_never_stopped(straight, crashed, tmp_path, monkeypatch):
