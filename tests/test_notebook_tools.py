@@ -121,6 +121,10 @@ def test_each_notebook_follows_the_house_layout(path):
     markdown = "\n".join(c.source for c in notebook.cells if c.cell_type == "markdown")
     assert markdown.startswith("# ") and "What you will learn" in markdown
     assert "## Summary" in markdown and "## Exercises" in markdown
+    at = next(i for i, c in enumerate(notebook.cells) if c.cell_type == "markdown" and c.source.startswith("## Setup"))
+    imports, setup = notebook.cells[at + 1].source.splitlines(), notebook.cells[at + 2].source.splitlines()
+    assert all(line.startswith(("import ", "from ", "%")) or not line.strip() for line in imports), "imports first"
+    assert len(setup) <= 16, f"the setup cell has {len(setup)} lines: at most ~15, the rest belongs in the library"
     assert "/work/" not in path.read_text() and "shared/data" not in path.read_text()
 
 
