@@ -68,8 +68,8 @@ class TrainingView:
     samples of the EMA weights (`sampler_steps` steps, eta = 1) from the same noise each time.
     The two figures are display handles updated in place, so an executed notebook keeps the
     last of each only. It samples with its own generator and reads the log: it changes nothing
-    the run computes. On the laptop profile each redraw costs about a second; headless runs
-    leave it out.
+    the run computes. On the laptop profile a redraw costs about 2 s (1.5 s sampling, 0.4 s
+    drawing; 9 redraws in a 30-minute run); headless runs leave it out.
     """
 
     def __init__(self, every: int = 0, images: int = 8, sampler_steps: int = 25, seed: int = 0):
@@ -97,5 +97,8 @@ class TrainingView:
         curve.suptitle(f"step {step:,} of {config.steps:,}", fontsize=10)
         grid = plot_image_grid(samples, nrow=self.images, title=f"EMA samples at step {step:,} (DDIM, {sampler_steps} steps)")
         for handle, figure in ((self.curve, curve), (self.grid, grid)):
-            handle.update(figure) if self.shown else handle.display(figure)
+            if self.shown:
+                handle.update(figure)
+            else:
+                handle.display(figure)
         self.shown = True
