@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -326,3 +327,59 @@ def test_missing_widget_manager_fails_with_the_fix(browser, tmp_path):
             find_widget(page, "slider.ipynb", ".widget-slider", timeout_ms=5_000)
         assert "VBox(" in str(failure.value)  # what a person sees in place of the slider
         page.close()
+
+
+# The text of the rendered markdown cells left untypeset: typeset math, code spans and code blocks
+# removed, what still holds $$, $...$ or a LaTeX command.
+RAW_MATH = """panel => [...document.querySelectorAll(`${panel} .jp-MarkdownCell .jp-RenderedMarkdown`)].map(cell => {
+    const copy = cell.cloneNode(true);
+    copy.querySelectorAll('mjx-container, code, pre').forEach(node => node.remove());
+    return copy.textContent;
+}).filter(text => /\\$\\$|\\$[^$\\s][^$]*\\$|\\\\(frac|mathcal|bar|alpha|beta|epsilon|theta|sqrt|text)\\b/.test(text))"""
+
+
+def open_typeset(browser, lab: Lab, folder: Path, name: str, timeout_ms: float = 90_000):
+    """Open notebook `name` (its cells not run) and wait until MathJax has typeset every display
+    equation of its markdown and left no math as raw text; else fail with what is left and a
+    screenshot. Returns the page."""
+    sources = [cell.source for cell in nbformat.read(folder / name, as_version=4).cells if cell.cell_type == "markdown"]
+    display_math = sum(source.count("$$") // 2 for source in sources)
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(f"{lab.url}/lab/workspaces/math-{Path(name).stem}/tree/{name}?reset&token={lab.token}")
+    page.locator(f"{PANEL} .jp-MarkdownCell .jp-RenderedMarkdown").first.wait_for(timeout=90_000)
+    try:
+        page.wait_for_function(
+            f"""([panel, wanted]) => document.querySelectorAll(`${{panel}} mjx-container[display="true"]`).length >= wanted
+                && ({RAW_MATH})(panel).length === 0""", arg=[PANEL, display_math], timeout=timeout_ms, polling=500)
+    except sync_api.TimeoutError:
+        shot = SHOTS / f"{Path(name).stem}_math_raw.png"
+        page.screenshot(path=str(shot))
+        typeset = page.locator(f'{PANEL} mjx-container[display="true"]').count()
+        raw = page.evaluate(RAW_MATH, PANEL)
+        raise AssertionError(f"{name}: {typeset} of {display_math} display equations typeset by MathJax; left as "
+                             f"text: {[text[:120] for text in raw][:2]}; screenshot {shot}") from None
+    return page
+
+
+def test_the_math_is_typeset(browser, lab, workspace):
+    """Notebook 02, the most math (the bound, Eqs. (5)-(14)), opened as a learner opens it; a
+    screenshot of the bound's derivation."""
+    page = open_typeset(browser, lab, workspace, "02_training.ipynb")
+    inline = page.locator(f'{PANEL} mjx-container:not([display="true"])').count()
+    assert inline > 50, f"only {inline} inline formulas typeset in notebook 02"
+    heading = page.locator("h2", has_text=re.compile("From the variational bound"))  # Section 3, not the title
+    bound = page.locator(f"{PANEL} .jp-MarkdownCell", has=heading).first
+    bound.scroll_into_view_if_needed()
+    bound.screenshot(path=str(SHOTS / "02_math_bound.png"))
+    page.close()
+
+
+def test_math_left_raw_fails_the_check(browser, tmp_path):
+    """Without JupyterLab's MathJax the formulas stay text, and the check says so."""
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(
+        "The bound, $L_T$:\n\n$$x_t = \\sqrt{\\bar\\alpha_t}\\,x_0$$\n\nand `$HOME` stays code.")])
+    nbformat.write(notebook, tmp_path / "math.ipynb")
+    with start_lab(tmp_path, tmp_path / "home", disabled=("@jupyterlab/mathjax-extension",)) as lab:
+        with pytest.raises(AssertionError, match=r"0 of 1 display equations typeset.*sqrt") as failure:
+            open_typeset(browser, lab, tmp_path, "math.ipynb", timeout_ms=10_000)
+        assert "HOME" not in str(failure.value)  # code spans are not math
