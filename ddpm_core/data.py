@@ -44,9 +44,10 @@ class DatasetUnavailableError(FileNotFoundError):
     """The data is neither on disk nor downloadable; the message says where to put it."""
 
 
-def resolve_data_root(data_root: str | Path | None = None) -> Path:
-    """`data_root` if given, else $DDPM_DATA_ROOT, else ./data."""
-    return Path(data_root or os.environ.get("DDPM_DATA_ROOT") or "data")
+def resolve_data_root(data_root: str | Path | None = None, default: str | Path = "data") -> Path:
+    """`data_root` if given, else $DDPM_DATA_ROOT, else `default` (./data; the notebooks, which
+    run in notebooks/, pass ../data)."""
+    return Path(data_root or os.environ.get("DDPM_DATA_ROOT") or default)
 
 
 class ConvertMode:
