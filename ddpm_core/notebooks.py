@@ -233,12 +233,13 @@ def _conform(parameter: NotebookParameter, value):
     return value
 
 
-def validate_parameters(paths: list[str | Path], parameters: dict) -> dict[Path, dict]:
+def validate_parameters(paths: list[str | Path], parameters: dict, defaults: dict | None = None) -> dict[Path, dict]:
     """Check `parameters` against the notebooks' `parameters` cells before anything runs:
     every name must be declared by some notebook, every value must suit its declaration, and
     profile, dataset, schedule, attention and device must resolve together as the notebooks'
     setup resolves them (runs.resolve_parameters). Raises a one-line ValueError on the first
-    problem. Returns, for each notebook, the parameters it declares (values as conformed)."""
+    problem. Returns, for each notebook, the parameters it declares (values as conformed), plus
+    those of `defaults` it declares and `parameters` does not give (e.g. `HEADLESS`)."""
     declared = {Path(p): read_parameters(p) for p in paths}
     known = sorted({name for names in declared.values() for name in names})
     unknown = [name for name in parameters if name not in known]
@@ -251,7 +252,8 @@ def validate_parameters(paths: list[str | Path], parameters: dict) -> dict[Path,
                          f"the notebooks' parameters are: {', '.join(known)}")
     subsets, resolved = {}, set()
     for path, declaration in declared.items():
-        subset = {name: _conform(declaration[name], value) for name, value in parameters.items() if name in declaration}
+        given = {**{k: v for k, v in (defaults or {}).items() if k in declaration}, **parameters}
+        subset = {name: _conform(declaration[name], value) for name, value in given.items() if name in declaration}
         values = {**{name: p.default for name, p in declaration.items()}, **subset}
         if all(name in values for name in SETUP):
             setup = tuple(values[name] for name in SETUP)
@@ -277,10 +279,7 @@ def run_notebooks(folder: str | Path, out: str | Path, parameters: dict, prepare
     from papermill.exceptions import PapermillExecutionError
 
     paths = notebook_paths(folder)
-    subsets = validate_parameters(paths, parameters)  # before anything is written or run
-    for path, subset in subsets.items():
-        declared = read_parameters(path)
-        subset.update({name: value for name, value in HEADLESS.items() if name in declared and name not in parameters})
+    subsets = validate_parameters(paths, parameters, defaults=HEADLESS)  # before anything is written or run
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = []
