@@ -21,44 +21,39 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
-def sections(*numbers: str) -> set[str]:
-    """A paper's section numbers, as written ("3.2")."""
-    return set(numbers)
-
-
 # The numbered items of each paper the notebooks cite, from the papers themselves (arXiv versions).
 PAPERS = {
     # Ho, Jain & Abbeel 2020, arXiv 2006.11239v2: Eqs. (1)-(16) in the text, (17)-(22) in App. A
     "Ho et al. 2020": {
         "Eq": set(range(1, 23)), "Algorithm": {1, 2}, "Table": {1, 2, 3},
-        "Section": sections("1", "2", "3", "3.1", "3.2", "3.3", "3.4", "4", "4.1", "4.2", "4.3", "4.4", "5", "6"),
+        "Section": {"1", "2", "3", "3.1", "3.2", "3.3", "3.4", "4", "4.1", "4.2", "4.3", "4.4", "5", "6"},
     },
     # Song, Meng & Ermon 2021 (DDIM), arXiv 2010.02502: Eq. (12) the step, Eq. (16) sigma(eta)
     "Song et al. 2021": {
         "Eq": set(range(1, 18)), "Algorithm": set(), "Table": {1, 2, 3},
-        "Section": sections("1", "2", "3", "3.1", "3.2", "4", "4.1", "4.2", "4.3", "5", "5.1", "5.2", "5.3", "5.4",
-                            "6", "7"),
+        "Section": {"1", "2", "3", "3.1", "3.2", "4", "4.1", "4.2", "4.3", "5", "5.1", "5.2", "5.3", "5.4",
+                    "6", "7"},
     },
     # Dhariwal & Nichol 2021, arXiv 2105.05233: Sec. 4 classifier guidance, Algs. 1 (DDPM) and 2 (DDIM)
     "Dhariwal & Nichol 2021": {
         "Eq": set(range(1, 14)), "Algorithm": {1, 2}, "Table": set(range(1, 10)),
-        "Section": sections("1", "2", "2.1", "2.2", "2.3", "3", "3.1", "3.2", "4", "4.1", "4.2", "4.3", "4.4",
-                            "5", "6", "7", "8"),
+        "Section": {"1", "2", "2.1", "2.2", "2.3", "3", "3.1", "3.2", "4", "4.1", "4.2", "4.3", "4.4",
+                    "5", "6", "7", "8"},
     },
     # Ho & Salimans 2022, arXiv 2207.12598: Eq. (6) the guided noise, Algs. 1 (training) and 2 (sampling)
     "Ho & Salimans 2022": {
         "Eq": set(range(1, 7)), "Algorithm": {1, 2}, "Table": {1, 2},
-        "Section": sections("1", "2", "3", "3.1", "3.2", "4", "4.1", "4.2", "5", "6"),
+        "Section": {"1", "2", "3", "3.1", "3.2", "4", "4.1", "4.2", "5", "6"},
     },
     # Nichol & Dhariwal 2021, arXiv 2102.09672: Eq. (17) the cosine schedule's alpha_bar
     "Nichol & Dhariwal 2021": {
         "Eq": set(range(1, 20)), "Algorithm": set(), "Table": set(range(1, 7)),
-        "Section": sections("1", "2", "2.1", "2.2", "3", "3.1", "3.2", "3.3", "3.4", "4", "5", "6", "7", "8"),
+        "Section": {"1", "2", "2.1", "2.2", "3", "3.1", "3.2", "3.3", "3.4", "4", "5", "6", "7", "8"},
     },
     # Vaswani et al. 2017, arXiv 1706.03762: Sec. 3.5 the sinusoidal positional encoding
     "Vaswani et al. 2017": {
         "Eq": {1, 2, 3}, "Algorithm": set(), "Table": {1, 2, 3, 4},
-        "Section": sections("1", "2", "3", "3.1", "3.2", "3.3", "3.4", "3.5", "4", "5", "6", "7"),
+        "Section": {"1", "2", "3", "3.1", "3.2", "3.3", "3.4", "3.5", "4", "5", "6", "7"},
     },
 }
 FOLLOWED = "Ho et al. 2020"  # what a bare equation number means when no paper was cited before it
