@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import atomic_save, check_state, safe_load, stored_config
 from ddpm_core.config import ClassifierConfig, DiffusionConfig, ModelConfig, replace, to_dict
 from ddpm_core.diffusion import q_sample, sample_timesteps
 from ddpm_core.layers import AttentionBlock, Downsample, ResnetBlock, TimestepEmbedding, group_norm
 from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.runtime import progress_bar
 
 FORMAT = "ddpm_core.noisy_classifier"
 
@@ -45,14 +45,14 @@ class NoisyClassifier(nn.Module):
         width, last = ch, len(config.channel_mults) - 1
         for level, (mult, res) in enumerate(zip(config.channel_mults, config.resolutions)):
             for _ in range(config.num_res_blocks):
-                self.blocks.append(ResnetBlock(width, ch * mult, emb_dim, config.dropout))
+                self.blocks.append(ResnetBlock(width, ch * mult, emb_dim, config.dropout, config.norm_groups))
                 width = ch * mult
                 if res in attn_at:
-                    self.blocks.append(AttentionBlock(width))
+                    self.blocks.append(AttentionBlock(width, config.norm_groups))
             if level != last:
                 self.blocks.append(Downsample(width))
-        self.mid_block = ResnetBlock(width, width, emb_dim, config.dropout)
-        self.norm_out = group_norm(width)
+        self.mid_block = ResnetBlock(width, width, emb_dim, config.dropout, config.norm_groups)
+        self.norm_out = group_norm(width, config.norm_groups)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +83,7 @@ def train_noisy_classifier(classifier: NoisyClassifier, schedule: NoiseSchedule,
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, generator=generator)
     losses: list[float] = []
-    with tqdm(total=config.steps, desc="classifier", disable=not progress) as bar:
+    with progress_bar(total=config.steps, desc="noise-aware classifier", disable=not progress) as bar:
         while len(losses) < config.steps:
             for x0, y in loader:
                 x0, y = x0.to(device), y.to(device)

@@ -132,7 +132,8 @@ def add_train(commands) -> None:
     train.add_argument("--batch-size", type=integer(1), default=None)
     train.add_argument("--lr", type=number(positive=True), default=None)
     train.add_argument("--lr-decay", default=None, help="constant or cosine, after warmup (default: the profile's)")
-    train.add_argument("--base-channels", type=integer(32), default=None, help="a multiple of 32")
+    train.add_argument("--base-channels", type=integer(16), default=None,
+                       help="a multiple of the profile's GroupNorm groups (32 in the paper, 8 for MNIST)")
     train.add_argument("--holdout-images", type=integer(1), default=128, help="test images that judge best.pt")
     train.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast (CUDA)")
     train.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the model")

@@ -23,6 +23,7 @@ SpacingName = Literal["uniform", "quadratic"]
 MetricName = Literal["inception", "mnist"]  # FID features: InceptionV3, or the MNIST judge
 DatasetName = Literal["mnist", "cifar10", "folder"]
 LrDecay = Literal["constant", "cosine"]
+LossWeighting = Literal["uniform", "min_snr", "p2"]
 
 
 def check_choice(value: str, literal_type, what: str) -> None:
@@ -110,6 +111,9 @@ class ModelConfig:
     attention_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_classes: int | None = None
+    # GroupNorm's groups: 32 in the paper. Each group must hold two channels or more, or the
+    # norm subtracts the per-channel timestep shift again; narrow networks take fewer groups.
+    norm_groups: int = 32
 
     def __post_init__(self) -> None:
         check_choice(self.kind, ModelKind, "model kind")
@@ -122,15 +126,24 @@ class ModelConfig:
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (RGB), got {self.in_channels}")
         if self.base_channels < 1 or self.num_res_blocks < 1 or not self.channel_mults:
             raise ValueError("base_channels, num_res_blocks and channel_mults must be positive")
-        if self.base_channels % 32:
-            # GroupNorm with 32 groups, as in the paper, needs channels divisible by 32.
-            raise ValueError(f"base_channels must be a multiple of 32 (GroupNorm(32)), got {self.base_channels}")
+        self._check_norm_groups()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes must be positive or None, got {self.num_classes}")
         if self.kind == "unet":
             self._check_unet_shape()
+
+    def _check_norm_groups(self) -> None:
+        widths = sorted({self.base_channels * m for m in self.channel_mults} if self.kind == "unet"
+                        else {self.base_channels})
+        if self.norm_groups < 1 or any(w % self.norm_groups for w in widths):
+            raise ValueError(f"every width {widths} must divide into norm_groups={self.norm_groups} GroupNorm "
+                             f"groups; choose base_channels and norm_groups to fit (the paper: 32 groups)")
+        if widths[0] < 2 * self.norm_groups:
+            raise ValueError(f"norm_groups={self.norm_groups} over {widths[0]} channels puts fewer than 2 channels in "
+                             f"a group, which subtracts the timestep embedding again; use norm_groups <= "
+                             f"{widths[0] // 2} (the MNIST profiles use 8)")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -179,9 +192,19 @@ class TrainConfig:
     pin_memory: bool = True  # page-locked batches copied without blocking (CUDA only)
     num_workers: int = 0
     label_dropout: float = 0.0  # class-conditional models: share of labels replaced by "no class"
+    # The eps-MSE's weight per timestep (`diffusion.timestep_weights`): "uniform" is L_simple
+    # (the paper); "min_snr" is min(SNR_t, min_snr_gamma) / SNR_t (Hang et al. 2023); "p2" is
+    # 1 / (1 + SNR_t) ** p2_gamma (Choi et al. 2022). The samplers are the same for all three.
+    loss_weighting: LossWeighting = "uniform"
+    min_snr_gamma: float = 5.0
+    p2_gamma: float = 1.0
 
     def __post_init__(self) -> None:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
+        check_choice(self.loss_weighting, LossWeighting, "loss_weighting")
+        if not (self.min_snr_gamma > 0 and self.p2_gamma >= 0):
+            raise ValueError(f"min_snr_gamma must be positive and p2_gamma non-negative, got {self.min_snr_gamma} "
+                             f"and {self.p2_gamma}")
         check_types(self)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
@@ -258,7 +281,13 @@ _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images",
                "compile", "fused_adam", "pin_memory")
 # Fields added after runs were cached: left out of the key at their default, so that those
 # runs keep their folder.
-_KEY_ONLY_IF_SET = {"label_dropout": 0.0}
+_KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
+                    "norm_groups": 32}
+
+
+def _key_fields(config) -> dict:
+    return {k: v for k, v in to_dict(config).items()
+            if k not in _NOT_IN_KEY and (k not in _KEY_ONLY_IF_SET or v != _KEY_ONLY_IF_SET[k])}
 
 
 @dataclass(frozen=True)
@@ -274,9 +303,8 @@ class RunSpec:
     @property
     def key(self) -> str:
         """12 hex digits of a hash of the resolved configs: equal settings, equal key."""
-        train = {k: v for k, v in to_dict(self.train).items()
-                 if k not in _NOT_IN_KEY and (k not in _KEY_ONLY_IF_SET or v != _KEY_ONLY_IF_SET[k])}
-        text = json.dumps([self.dataset, to_dict(self.model), to_dict(self.diffusion), train], sort_keys=True)
+        text = json.dumps([self.dataset, _key_fields(self.model), to_dict(self.diffusion), _key_fields(self.train)],
+                          sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -306,4 +334,5 @@ MNIST_SMALL_MODEL = ModelConfig(
     num_res_blocks=1,
     attention_resolutions=(7,),
     dropout=0.0,
+    norm_groups=8,  # 4 channels per group at 32: GroupNorm(32) there would erase t (ModelConfig)
 )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_core.config import ModelConfig
 from ddpm_core.layers import ResnetBlock, TimestepEmbedding, group_norm, zero_module
@@ -26,7 +27,7 @@ class _FullResolutionDenoiser(nn.Module):
         ch, self.emb_dim = config.base_channels, 4 * config.base_channels
         self.temb = TimestepEmbedding(ch, self.emb_dim, config.num_classes)
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
-        self.norm_out = group_norm(ch)
+        self.norm_out = group_norm(ch, config.norm_groups)
         self.conv_out = zero_module(nn.Conv2d(ch, config.in_channels, 3, padding=1))
 
     def body(self, h: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class ConvDenoiser(_FullResolutionDenoiser):
         super().__init__(config)
         ch = config.base_channels
         self.convs = nn.ModuleList(nn.Conv2d(ch, ch, 3, padding=1) for _ in range(config.num_res_blocks))
-        self.norms = nn.ModuleList(group_norm(ch) for _ in range(config.num_res_blocks))
+        self.norms = nn.ModuleList(group_norm(ch, config.norm_groups) for _ in range(config.num_res_blocks))
         self.temb_projs = nn.ModuleList(nn.Linear(self.emb_dim, ch) for _ in range(config.num_res_blocks))
 
     def body(self, h: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,7 @@ class ResNetDenoiser(_FullResolutionDenoiser):
         super().__init__(config)
         ch = config.base_channels
         self.blocks = nn.ModuleList(
-            ResnetBlock(ch, ch, self.emb_dim, config.dropout) for _ in range(config.num_res_blocks)
+            ResnetBlock(ch, ch, self.emb_dim, config.dropout, config.norm_groups) for _ in range(config.num_res_blocks)
         )
 
     def body(self, h: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
@@ -76,3 +77,14 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def training_flops_per_image(config: ModelConfig) -> float:
+    """FLOPs that one training image costs `config`'s network, forward and backward, as
+    `torch.utils.flop_counter` counts them (convolutions, matmuls, attention; elementwise
+    work is free there). A run's training compute is this x batch_size x steps."""
+    model = build_model(config)
+    x = torch.zeros(2, config.in_channels, config.image_size, config.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(x, torch.zeros(2, dtype=torch.long)).square().mean().backward()
+    return counter.get_total_flops() / 2

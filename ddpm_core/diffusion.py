@@ -106,6 +106,27 @@ def sample_timesteps(
     return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
 
 
+def timestep_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = "uniform",
+                     min_snr_gamma: float = 5.0, p2_gamma: float = 1.0) -> torch.Tensor:
+    """The weight w_t (B,) of each sample's eps-MSE, with SNR_t = alpha_bar_t / (1 - alpha_bar_t).
+
+    "uniform": 1, L_simple itself. "min_snr" (Hang et al. 2023): min(SNR_t, gamma) / SNR_t,
+    the x0-MSE's weight clipped at gamma and rewritten for eps: it is 1 where SNR_t <= gamma
+    (the noisy steps) and SNR_t falls off below gamma / SNR_t at the clean ones. "p2" (Choi et
+    al. 2022, k = 1): 1 / (1 + SNR_t) ** gamma, which also turns down the steps that only
+    clean up imperceptible noise. Neither changes what the network predicts, so the samplers
+    are unchanged.
+    """
+    snr = schedule.snr()[t]
+    if weighting == "uniform":
+        return torch.ones_like(snr)
+    if weighting == "min_snr":
+        return torch.clamp(snr, max=min_snr_gamma) / snr
+    if weighting == "p2":
+        return (1.0 + snr) ** -p2_gamma
+    raise ValueError(f"unknown loss weighting {weighting!r}; valid choices: uniform, min_snr, p2")
+
+
 def loss_simple(
     model: Denoiser,
     schedule: NoiseSchedule,
@@ -114,10 +135,12 @@ def loss_simple(
     t: torch.Tensor | None = None,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_simple, the unweighted eps-MSE of Ho et al. 2020, Eq. (14) and Alg. 1. Returns a scalar.
 
     x0 (B, C, H, W) in [-1, 1]; t (B,) and noise default to fresh uniform steps and N(0, I).
+    With `weights` (B,) (`timestep_weights`), the batch mean of w_t times each sample's MSE.
     """
     if t is None:
         t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device, generator)
@@ -125,4 +148,7 @@ def loss_simple(
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = q_sample(schedule, x0, t, noise=noise)
     eps_pred = model(x_t, t, y)
-    return F.mse_loss(eps_pred.float(), noise.float())
+    if weights is None:
+        return F.mse_loss(eps_pred.float(), noise.float())
+    per_sample = (eps_pred.float() - noise.float()).square().flatten(1).mean(1)  # (B,)
+    return (weights * per_sample).mean()

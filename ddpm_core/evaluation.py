@@ -27,13 +27,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
-from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import atomic_save, safe_load
 from ddpm_core.config import DatasetName, MetricName, check_choice
 from ddpm_core.data import make_dataset
 from ddpm_core.judge import DigitClassifier, load_digit_classifier
 from ddpm_core.plotting import to_uint8
+from ddpm_core.runtime import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Evaluator:
                  desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
         """Features (N, D) and logits (N, K) on the CPU, float64, of uint8 image batches."""
         features, logits = [], []
-        for images in tqdm(batches, total=total, desc=desc, disable=not self.progress, leave=False):
+        for images in progress_bar(batches, total=total, desc=desc, disable=not self.progress, leave=False):
             if images.dtype != torch.uint8:
                 raise TypeError(f"score images as stored: uint8 in [0, 255] (plotting.to_uint8), got {images.dtype}")
             batch_features, batch_logits = self.extractor(images.to(self.device))

@@ -20,7 +20,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import Checkpoint
 from ddpm_core.classifier import NoisyClassifier, load_noisy_classifier
@@ -28,7 +27,7 @@ from ddpm_core.config import SamplerConfig, to_dict
 from ddpm_core.diffusion import Denoiser
 from ddpm_core.guidance import ClassifierFreeGuidance, classifier_guidance
 from ddpm_core.plotting import to_uint8
-from ddpm_core.runtime import make_generator
+from ddpm_core.runtime import make_generator, progress_bar
 from ddpm_core.sampling import GuidanceFn, sample
 from ddpm_core.schedule import NoiseSchedule
 
@@ -79,7 +78,7 @@ def _batches(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, int, in
              guidance_scale: float, batch_size: int, generator: torch.Generator, device: torch.device,
              progress: bool) -> Iterator[torch.Tensor]:
     """`generate`'s loop: one `sample` call per batch, all from one generator."""
-    with tqdm(total=num_images, desc="samples", unit="img", disable=not progress) as bar:
+    with progress_bar(total=num_images, desc="samples", unit="img", disable=not progress) as bar:
         for first in range(0, num_images, batch_size):
             size = min(batch_size, num_images - first)
             y = labels[first: first + size].to(device) if labels is not None else None

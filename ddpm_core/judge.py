@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from ddpm_core.checkpoint import atomic_save, check_state, safe_load
+from ddpm_core.runtime import progress_bar
 
 FORMAT = "ddpm_core.digit_classifier"
 CONFIDENT = 0.9  # a sample counts as a recognisable digit when the judge gives it >= 90%
@@ -60,7 +60,7 @@ def train_digit_classifier(dataset: Dataset, epochs: int = 2, batch_size: int = 
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(seed))
     for _ in range(epochs):
-        for x, y in tqdm(loader, disable=not progress, desc="digit classifier"):
+        for x, y in progress_bar(loader, disable=not progress, desc="digit judge"):
             loss = F.cross_entropy(model(x.to(device)), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPS = 32
+GROUPS = 32  # the paper's GroupNorm groups (ModelConfig.norm_groups; fewer for narrow networks)
 NORM_EPS = 1e-6  # tf.contrib.layers.group_norm's epsilon, used by the authors' code
 
 
@@ -68,8 +68,8 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(GROUPS, channels, eps=NORM_EPS)
+def group_norm(channels: int, groups: int = GROUPS) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, channels, eps=NORM_EPS)
 
 
 class ResnetBlock(nn.Module):
@@ -77,14 +77,21 @@ class ResnetBlock(nn.Module):
 
     h = conv1(SiLU(norm1(x))) + Dense(SiLU(temb)); h = conv2(dropout(SiLU(norm2(h))));
     out = shortcut(x) + h, the shortcut a 1x1 convolution when the width changes.
+
+    The embedding is a shift per channel, constant over H x W; norm2 keeps it only if each of
+    its `groups` holds two channels or more (one channel per group subtracts it again), so
+    that case is refused.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, dropout: float, groups: int = GROUPS):
         super().__init__()
-        self.norm1 = group_norm(in_channels)
+        if out_channels < 2 * groups:
+            raise ValueError(f"GroupNorm({groups}) over {out_channels} channels would subtract the timestep "
+                             f"embedding again (fewer than 2 channels per group); use groups <= {out_channels // 2}")
+        self.norm1 = group_norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.temb_proj = nn.Linear(emb_dim, out_channels)
-        self.norm2 = group_norm(out_channels)
+        self.norm2 = group_norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
@@ -101,9 +108,9 @@ class ResnetBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over the H * W positions, with a residual connection."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = GROUPS):
         super().__init__()
-        self.norm = group_norm(channels)
+        self.norm = group_norm(channels, groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 

@@ -18,7 +18,6 @@ from ddpm_core.messages import first_sentence, short
 # Settings under which diffusers' UNet2DModel computes exactly what Ho et al.'s network does.
 DDPM_LAYOUT = {
     "act_fn": "silu",
-    "norm_num_groups": 32,
     "norm_eps": 1e-6,
     "downsample_padding": 0,  # TF's "SAME" padding for the stride-2 convolution
     "flip_sin_to_cos": False,  # [sin, cos]
@@ -137,6 +136,7 @@ def model_config_from_diffusers(config: dict, dropout: float = 0.0) -> ModelConf
         attention=True,  # add_attention: the middle block always has attention
         attention_resolutions=tuple(size // 2**level for level, a in enumerate(attn) if a),
         dropout=dropout,
+        norm_groups=_setting(config, "norm_num_groups", _positive_int, "a positive integer", "config.json", 32),
     )
 
 

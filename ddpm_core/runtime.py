@@ -37,6 +37,8 @@ DeviceName = Literal["auto", "cpu", "cuda", "mps"]
 log = logging.getLogger(__name__)
 
 THREADS_ENV = "DDPM_THREADS"  # an explicit thread count, for the command line, notebooks and CI
+PROGRESS_ENV = "DDPM_PROGRESS"  # "text": plain-text progress bars (what a headless batch's kernels get)
+TEXT_BAR_INTERVAL_S = 10.0  # a text bar redraws at most this often, so a batch's log stays short
 PROC_STAT = Path("/proc/stat")  # Linux's CPU time counters (a module constant, so tests can fake it)
 LOAD_SAMPLE_S = 0.2  # how long `configure_threads` watches the load before choosing
 # A core counts as taken when other processes keep at least this share of it busy. Beside a
@@ -187,3 +189,16 @@ def stop_requests() -> Iterator[list[int]]:
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+def progress_bar(*args, **kwargs):
+    """A tqdm bar: tqdm.auto's (a widget in a notebook, text in a terminal); with
+    $DDPM_PROGRESS=text, a plain-text one on stderr redrawn at most every TEXT_BAR_INTERVAL_S.
+    A headless batch sets that for its kernels, so that their bars (what is trained, how far,
+    the rate, the time left) reach the terminal that runs it (`notebooks.run_notebooks`)."""
+    if os.environ.get(PROGRESS_ENV) == "text":
+        from tqdm.std import tqdm
+        kwargs.setdefault("mininterval", TEXT_BAR_INTERVAL_S)
+    else:
+        from tqdm.auto import tqdm
+    return tqdm(*args, **kwargs)

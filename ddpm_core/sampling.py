@@ -24,11 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
 
 from ddpm_core.config import DDIM_STEPS, SamplerConfig, SamplerName, SpacingName, VarianceName, check_choice
 from ddpm_core.diffusion import Denoiser, predict_eps_from_x0, predict_x0_from_eps, q_posterior
 from ddpm_core.schedule import NoiseSchedule
+from ddpm_core.runtime import progress_bar
 
 
 class StepOutput(NamedTuple):
@@ -235,7 +235,7 @@ def sample(
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
     with _eval_mode(model):
-        for t, t_prev in tqdm(pairs, desc="sampling", disable=not progress, leave=False):
+        for t, t_prev in progress_bar(pairs, desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             with autocast:
                 eps_pred = model(x, t_batch, y).float()

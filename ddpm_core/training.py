@@ -32,15 +32,15 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # the type; bars come from runtime.progress_bar
 
 from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_core.denoisers import build_model
-from ddpm_core.diffusion import loss_simple, sample_timesteps
+from ddpm_core.diffusion import loss_simple, sample_timesteps, timestep_weights
 from ddpm_core.distributed import Distributed, epoch_batches, local_batch_size
 from ddpm_core.files import folder_lock, remove_orphans
 from ddpm_core.monitor import Checkpointing, LogWindow, SampleGrids, Snapshots
-from ddpm_core.runtime import stop_requests
+from ddpm_core.runtime import progress_bar, stop_requests
 from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.train_state import RESUMABLE, RunLog, TrainState, read_log, resume_conflicts
 
@@ -184,12 +184,15 @@ class Trainer:
         """One step of Alg. 1 plus warmup, clipping and the EMA update. Returns the loss."""
         autocast = self.config.amp and self.device.type == "cuda"
         drop, t, eps = self.draw(x0, y)
+        config = self.config
+        weights = None if config.loss_weighting == "uniform" else timestep_weights(
+            self.schedule, t, config.loss_weighting, config.min_snr_gamma, config.p2_gamma)
         if drop is not None:
             # Ho & Salimans 2022, Alg. 1: train the unconditional model jointly, as the "null"
             # label (index num_classes), so that classifier-free guidance can mix the two.
             y = torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_simple(self.forward, self.schedule, x0, y, t=t, noise=eps)
+            loss = loss_simple(self.forward, self.schedule, x0, y, t=t, noise=eps, weights=weights)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
@@ -220,7 +223,7 @@ class Trainer:
             self.start(resume)
             first_step, start = self.step, time.perf_counter()
             with RunLog(self.out / "log.jsonl", self.step, enabled=main) as log, \
-                    tqdm(total=self.config.steps, initial=self.step, desc="training",
+                    progress_bar(total=self.config.steps, initial=self.step, desc=f"training {self.out.name}",
                          disable=not (progress and main)) as bar:
                 loss = self.loop(self.hooks(log, bar, extra_hooks), stop, bar)
         self.place.barrier()  # every rank returns once rank 0 has written the last checkpoint

@@ -41,12 +41,12 @@ class UNet(nn.Module):
         if config.kind != "unet":
             raise ValueError(f"UNet needs a config of kind 'unet', got {config.kind!r}")
         self.config = config
-        ch, emb_dim = config.base_channels, 4 * config.base_channels
+        ch, emb_dim, groups = config.base_channels, 4 * config.base_channels, config.norm_groups
         widths = [ch * m for m in config.channel_mults]
         attn_at = set(config.attention_resolutions) if config.attention else set()
 
         def attention(channels: int, resolution: int) -> nn.Module:
-            return AttentionBlock(channels) if resolution in attn_at else nn.Identity()
+            return AttentionBlock(channels, groups) if resolution in attn_at else nn.Identity()
 
         self.temb = TimestepEmbedding(ch, emb_dim, config.num_classes)
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
@@ -57,7 +57,7 @@ class UNet(nn.Module):
         for level, (out, res) in enumerate(zip(widths, config.resolutions)):
             blocks, attns = [], []
             for _ in range(config.num_res_blocks):
-                blocks.append(ResnetBlock(width, out, emb_dim, config.dropout))
+                blocks.append(ResnetBlock(width, out, emb_dim, config.dropout, groups))
                 attns.append(attention(out, res))
                 width = out
                 skip_widths.append(width)
@@ -66,9 +66,9 @@ class UNet(nn.Module):
                 skip_widths.append(width)
             self.down.append(Level(blocks, attns, resample))
 
-        self.mid_block1 = ResnetBlock(width, width, emb_dim, config.dropout)
-        self.mid_attn = AttentionBlock(width) if config.attention else nn.Identity()
-        self.mid_block2 = ResnetBlock(width, width, emb_dim, config.dropout)
+        self.mid_block1 = ResnetBlock(width, width, emb_dim, config.dropout, groups)
+        self.mid_attn = AttentionBlock(width, groups) if config.attention else nn.Identity()
+        self.mid_block2 = ResnetBlock(width, width, emb_dim, config.dropout, groups)
 
         # Upsampling: num_res_blocks + 1 blocks per level, each eating one skip connection.
         self.up = nn.ModuleList()
@@ -76,12 +76,12 @@ class UNet(nn.Module):
             out, res = widths[level], config.resolutions[level]
             blocks, attns = [], []
             for _ in range(config.num_res_blocks + 1):
-                blocks.append(ResnetBlock(width + skip_widths.pop(), out, emb_dim, config.dropout))
+                blocks.append(ResnetBlock(width + skip_widths.pop(), out, emb_dim, config.dropout, groups))
                 attns.append(attention(out, res))
                 width = out
             self.up.append(Level(blocks, attns, Upsample(width) if level != 0 else None))
 
-        self.norm_out = group_norm(width)
+        self.norm_out = group_norm(width, groups)
         self.conv_out = zero_module(nn.Conv2d(width, config.in_channels, 3, padding=1))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

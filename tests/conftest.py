@@ -14,7 +14,7 @@ from ddpm_core.schedule import NoiseSchedule
 
 TINY_UNET = ModelConfig(
     image_size=8, in_channels=1, base_channels=32, channel_mults=(1, 2), num_res_blocks=1,
-    attention_resolutions=(4,), dropout=0.0,
+    attention_resolutions=(4,), dropout=0.0, norm_groups=8,
 )
 
 

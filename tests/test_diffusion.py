@@ -10,6 +10,7 @@ from ddpm_core.diffusion import (
     q_posterior,
     q_sample,
     sample_timesteps,
+    timestep_weights,
 )
 
 
@@ -116,3 +117,37 @@ def test_loss_simple_passes_labels_and_backpropagates(linear_schedule):
     loss.backward()
     assert seen["y"].tolist() == [1, 2, 3]
     assert weight.grad is not None and weight.grad.abs().item() > 0
+
+
+def test_timestep_weights_are_their_closed_forms_and_match_diffusers_snr(linear_schedule):
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    t = torch.tensor([0, 1, 10, 100, 250, 500, 999])
+    alpha_bar = linear_schedule.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    reference = compute_snr(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), t).double()
+    torch.testing.assert_close(linear_schedule.snr()[t].double(), reference, rtol=1e-3, atol=0)  # float32 1 - alpha_bar
+    torch.testing.assert_close(timestep_weights(linear_schedule, t).double(), torch.ones(7, dtype=torch.float64))
+    min_snr = timestep_weights(linear_schedule, t, "min_snr", min_snr_gamma=5.0).double()
+    torch.testing.assert_close(min_snr, torch.minimum(snr, torch.tensor(5.0, dtype=torch.float64)) / snr,
+                               rtol=1e-5, atol=0)
+    assert min_snr[-1] == 1.0 and min_snr[0] < 5.0 / 1e3  # noisy steps kept, near-clean ones turned down
+    p2 = timestep_weights(linear_schedule, t, "p2", p2_gamma=0.5).double()
+    torch.testing.assert_close(p2, (1 + snr) ** -0.5, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="valid choices: uniform, min_snr, p2"):
+        timestep_weights(linear_schedule, t, "snr")
+
+
+def test_a_weighted_loss_is_the_weighted_mean_of_each_samples_mse(linear_schedule):
+    x0, noise = torch.zeros(3, 1, 2, 2), torch.randn(3, 1, 2, 2)
+    t, weights = torch.tensor([3, 30, 300]), torch.tensor([0.5, 2.0, 0.0])
+
+    def zero(x_t, t, y=None):  # the loss of each sample is then the mean of its eps^2
+        return torch.zeros_like(x_t)
+
+    per_sample = noise.pow(2).mean(dim=(1, 2, 3))
+    loss = loss_simple(zero, linear_schedule, x0, t=t, noise=noise, weights=weights)
+    assert loss.item() == pytest.approx((weights * per_sample).mean().item())
+    uniform = loss_simple(zero, linear_schedule, x0, t=t, noise=noise, weights=torch.ones(3))
+    assert uniform.item() == pytest.approx(loss_simple(zero, linear_schedule, x0, t=t, noise=noise).item())

@@ -37,7 +37,7 @@ CIFAR10_DIFFUSERS_CONFIG = {
 }
 MNIST_DIFFUSERS_CONFIG = {
     **CIFAR10_DIFFUSERS_CONFIG, "block_out_channels": [32, 64, 128], "in_channels": 1, "out_channels": 1,
-    "sample_size": 28, "layers_per_block": 1,
+    "sample_size": 28, "layers_per_block": 1, "norm_num_groups": 8,  # 4 channels a group at 32 (ModelConfig)
     "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"],
     "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
 }

@@ -1,0 +1,142 @@
+"""Train a profile (with overrides) and report what the laptop tuning table holds.
+
+One row of the README's tuning table: the change, its training compute (TFLOP, forward and
+backward, counted with `torch.utils.flop_counter` as `denoisers.training_flops_per_image`),
+the training's wall time and images/s, MNIST FID of N samples (the judge's features,
+against the 60,000 training images) with DDIM-50 (eta 1) and, with --ddpm, DDPM-1000, the
+share of samples the judge calls a digit with >= 90% confidence, and the smallest digit's
+share of those (1.0: every digit at its tenth). The real-vs-real floor at the same N is
+reported beside them. The run is trained once into RUNS_ROOT/PROFILE-mnist-KEY (the
+notebooks' folder when RUNS_ROOT is theirs) and found there again.
+
+Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set model.norm_groups=8
+      [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw]`
+(--scale 0.25 trains a quarter of the steps and warmup: the cheap screen before a full run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import RESULTS, write_results
+from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.classifier_runs import trained_judge
+from ddpm_core.config import RunSpec, SamplerConfig, replace
+from ddpm_core.denoisers import training_flops_per_image
+from ddpm_core.evaluation import Evaluator
+from ddpm_core.generation import generate
+from ddpm_core.judge import judge, load_digit_classifier
+from ddpm_core.plotting import save_image_grid
+from ddpm_core.runs import resolve_run, run_dir, runs_root, trained_checkpoint
+from ddpm_core.runtime import configure_threads, resolve_device
+from ddpm_core.train_state import read_log
+
+SAMPLERS = {"ddim50": SamplerConfig("ddim", 50, eta=1.0), "ddpm1000": SamplerConfig("ddpm", variance="fixedlarge")}
+
+
+def parse_setting(text: str) -> tuple[str, str, object]:
+    """"train.lr=4e-3" -> ("train", "lr", 0.004); values are JSON (lists for tuples), else strings."""
+    name, sep, raw = text.partition("=")
+    section, dot, field = name.partition(".")
+    if not (sep and dot and section in ("model", "diffusion", "train")):
+        raise SystemExit(f"--set {text!r}: write SECTION.FIELD=VALUE, SECTION one of model, diffusion, train")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return section, field, value
+
+
+def spec_for(profile: str, settings: list[str], scale: float) -> RunSpec:
+    spec = resolve_run(profile)
+    changes: dict[str, dict] = {"model": {}, "diffusion": {}, "train": {}}
+    for text in settings:
+        section, field, value = parse_setting(text)
+        changes[section][field] = value
+    spec = replace(spec, **{section: replace(getattr(spec, section), **fields)
+                            for section, fields in changes.items() if fields})
+    if scale != 1.0:  # a screen: fewer steps, the same schedule's shape, files only at the end
+        train = spec.train
+        steps = max(1, round(train.steps * scale))
+        spec = replace(spec, train=replace(train, steps=steps, warmup_steps=round(train.warmup_steps * scale),
+                                           checkpoint_every=steps, sample_every=0, snapshot_every=0))
+    return spec
+
+
+def score(checkpoint_path: Path, sampler: SamplerConfig, num: int, evaluator: Evaluator, judge_model, device,
+          use_ema: bool, grid: Path | None) -> dict:
+    start = time.perf_counter()
+    samples = torch.cat(list(generate(load_checkpoint(checkpoint_path), num, sampler,
+                                      seed=0, device=device, use_ema=use_ema, progress=True)))
+    seconds = time.perf_counter() - start
+    scores = evaluator.score(samples.split(250), seed=0)
+    verdict = judge(judge_model, samples)
+    counts = verdict.class_counts
+    if grid is not None:
+        save_image_grid(samples[:100], grid, nrow=10)
+    return {"fid": round(scores["fid"], 2), "inception_score": round(scores["inception_score"], 2),
+            "confident_fraction": verdict.confident_fraction, "class_counts": counts,
+            "smallest_class_share": round(min(counts) / (sum(counts) / len(counts)), 3) if sum(counts) else 0.0,
+            "sampling_seconds": round(seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="laptop")
+    parser.add_argument("--label", required=True, help="the change, as the table's first column names it")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the profile's steps and warmup")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (20x DDIM-50's sampling time)")
+    parser.add_argument("--raw", action="store_true", help="also the raw (not EMA) weights, with DDIM-50")
+    parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
+    parser.add_argument("--runs-root", default=None, help="where runs are cached (default: $DDPM_RUNS_ROOT, else ./runs)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    threads = configure_threads(args.threads)
+    device = resolve_device(args.device)
+    spec = spec_for(args.profile, args.set, args.scale)
+    flops = training_flops_per_image(spec.model)
+    tflop = flops * spec.train.batch_size * spec.train.steps / 1e12
+    print(f"{args.label}: {spec.profile} {spec.train.steps} steps x {spec.train.batch_size}, "
+          f"{flops / 1e9:.3f} GFLOP per image, {tflop:.1f} TFLOP of training, on {threads} thread(s)")
+    last = trained_checkpoint(spec, args.data_root, device, root=args.runs_root, progress=True)
+    log = [line for line in read_log(last.parent / "log.jsonl") if "elapsed_s" in line]
+    judge_file = trained_judge(args.data_root, root=args.runs_root, device=device, progress=True)
+    judge_model = load_digit_classifier(judge_file).to(device)
+    evaluator = Evaluator("mnist", "mnist", runs_root(args.runs_root) / "fid_stats", args.data_root, device,
+                          judge=judge_file)
+    name = "".join(c if c.isalnum() else "_" for c in args.label).strip("_").lower()
+    grids = RESULTS / "train_profile"
+    runs = {"ddim50": ("ddim50", True)}
+    if args.ddpm:
+        runs["ddpm1000"] = ("ddpm1000", True)
+    if args.raw:
+        runs["ddim50_raw"] = ("ddim50", False)
+    results = {
+        "label": args.label, "profile": spec.profile, "run": str(run_dir(spec, args.runs_root)), "scale": args.scale,
+        "settings": args.set, "steps": spec.train.steps, "batch_size": spec.train.batch_size,
+        "gflop_per_image": round(flops / 1e9, 4), "training_tflop": round(tflop, 1), "threads": threads,
+        "training_seconds": round(log[-1]["elapsed_s"], 1) if log else None,
+        "images_per_s": round(spec.train.batch_size * spec.train.steps / log[-1]["elapsed_s"], 1) if log else None,
+        "floor": round(evaluator.floor(args.samples)["fid"], 2), "samples": args.samples,
+    }
+    for key, (sampler, use_ema) in runs.items():
+        results[key] = score(last, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
+                             grids / f"{name}_{key}.png")
+        print(key, results[key])
+    path = write_results(name, results, grids)
+    ddpm = results.get("ddpm1000", {}).get("fid", "-")
+    print(f"| {args.label} | {tflop:.0f} | {results['training_seconds'] or 0:.0f} s | {results['ddim50']['fid']} | "
+          f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |   ({path})")
+
+
+if __name__ == "__main__":
+    main()
