@@ -9,14 +9,18 @@ This module owns finding, checking and running the notebooks; what they teach is
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import io
 import logging
 import math
+import os
 import re
 import shlex
+import sys
 import time
 import tokenize
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import get_args
@@ -25,7 +29,7 @@ from ddpm_core.config import MetricName, ScheduleName
 from ddpm_core.config import DatasetName
 from ddpm_core.profiles import PROFILES
 from ddpm_core.runs import resolve_parameters
-from ddpm_core.runtime import resolve_device
+from ddpm_core.runtime import PROGRESS_ENV, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -283,15 +287,58 @@ def run_notebooks(folder: str | Path, out: str | Path, parameters: dict, prepare
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     report = []
-    for path in paths:
+    for number, path in enumerate(paths, 1):
         start = time.perf_counter()
         log.info("running %s", path.name)
+        if progress and not prepare_only:
+            print(f"[notebook {number}/{len(paths)}] {path.name}", file=sys.stderr, flush=True)
         try:
-            papermill.execute_notebook(str(path), str(out / path.name), parameters=subsets[path],
-                                       cwd=str(path.parent), prepare_only=prepare_only,
-                                       progress_bar=progress, kernel_name="python3")
+            with kernel_progress(progress):
+                papermill.execute_notebook(
+                    str(path), str(out / path.name), parameters=subsets[path], cwd=str(path.parent),
+                    prepare_only=prepare_only, progress_bar=False, kernel_name="python3",
+                    stdout_file=sys.stdout if progress else None, stderr_file=sys.stderr if progress else None,
+                    kernel_manager_class=kernel_manager_class())
         except PapermillExecutionError as error:
             raise NotebookFailed(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} "
                                  f"(the executed copy is {out / path.name})") from error
-        report.append({"notebook": path.name, "seconds": round(time.perf_counter() - start, 1)})
+        seconds = round(time.perf_counter() - start, 1)
+        if progress and not prepare_only:
+            print(f"[notebook {number}/{len(paths)}] {path.name} done in {seconds / 60:.1f} min", file=sys.stderr,
+                  flush=True)
+        report.append({"notebook": path.name, "seconds": seconds})
     return report
+
+
+@contextlib.contextmanager
+def kernel_progress(progress: bool) -> Iterator[None]:
+    """With `progress`, the kernels started meanwhile draw plain-text bars (runtime.PROGRESS_ENV),
+    which the batch streams to its stderr with the cells' own output: which model trains, how
+    many steps, the rate and the time left, where a widget would show nothing headless."""
+    previous = os.environ.get(PROGRESS_ENV)
+    if progress:
+        os.environ[PROGRESS_ENV] = "text"
+    try:
+        yield
+    finally:
+        if progress:
+            if previous is None:
+                os.environ.pop(PROGRESS_ENV)
+            else:
+                os.environ[PROGRESS_ENV] = previous
+
+
+def kernel_manager_class() -> type:
+    """nbclient's kernel manager, over local sockets (IPC) where the system has them: a kernel
+    that listens on TCP warns, in every notebook, that it runs without encryption; one on IPC
+    opens no port at all. Windows has no IPC transport and keeps TCP."""
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import CaselessStrEnum
+
+    if os.name != "posix":
+        return AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        transport = CaselessStrEnum(["tcp", "ipc"], default_value="ipc", config=True)
+
+    return LocalKernelManager

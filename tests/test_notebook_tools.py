@@ -3,6 +3,7 @@ notebooks' own layout (one parameters cell, no outputs, Summary and Exercises)."
 
 import ast
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -56,6 +57,26 @@ def test_the_batch_injects_parameters_runs_in_order_and_stops_at_the_failure(tmp
     assert [r["notebook"] for r in prepared] == ["01_ok.ipynb", "02_fails.ipynb", "03_never.ipynb"]
     injected = nbformat.read(tmp_path / "prepared" / "01_ok.ipynb", as_version=4).cells[1]
     assert "injected-parameters" in injected.metadata["tags"] and "value = 8" in injected.source
+
+
+def test_a_headless_batch_streams_text_bars_names_each_notebook_and_has_no_kernel_warning(tmp_path, capfd):
+    folder = tmp_path / "nb"
+    folder.mkdir()
+    write_notebook(folder / "01_bar.ipynb", "import os\nfrom ddpm_core.runtime import progress_bar\n"
+                   "print('bars:', os.environ.get('DDPM_PROGRESS'))\n"
+                   "for _ in progress_bar(range(3), desc='training demo'):\n    pass")
+    run_notebooks(folder, tmp_path / "out", {}, progress=True)
+    out, err = capfd.readouterr()
+    assert "[notebook 1/1] 01_bar.ipynb" in err and "01_bar.ipynb done in" in err
+    assert "training demo: 100%" in err and "3/3" in err  # a text bar, streamed from the kernel
+    assert "bars: text" in out
+    assert "without encryption" not in err + out  # the kernel listens on local sockets, not TCP
+    assert "DDPM_PROGRESS" not in os.environ  # set for the batch's kernels only
+    executed = nbformat.read(tmp_path / "out" / "01_bar.ipynb", as_version=4).cells[1]
+    assert any("training demo" in output.get("text", "") for output in executed.outputs)
+    run_notebooks(folder, tmp_path / "quiet", {})
+    out, err = capfd.readouterr()
+    assert "bars" not in out and "[notebook" not in err  # without progress: nothing streamed
 
 
 def test_the_slider_draws_its_initial_value_then_follows_the_slider():
