@@ -49,13 +49,16 @@ def score(name: str, value: float, samples: torch.Tensor, labels: torch.Tensor, 
 
 
 def trained_models(args: argparse.Namespace, spec, device) -> dict[str, tuple]:
-    """The four networks, trained on first use and cached under runs/: {name: (path, seconds to get)}."""
+    """The networks, trained on first use and cached under runs/: {name: (path, seconds to get)}. The
+    class-conditional model (a second training run) only when classifier-free `--weights` are asked for."""
     makers = {
         "unconditional model": lambda: trained_checkpoint(spec, args.data_root, device, progress=True),
         "conditional model": lambda: trained_checkpoint(class_conditional(spec), args.data_root, device, progress=True),
         "noisy classifier": lambda: args.classifier or trained_classifier(spec, args.data_root, device, progress=True),
         "judge": lambda: trained_judge(args.data_root, device=device),
     }
+    if not args.weights:
+        del makers["conditional model"]
     timings = {}
     for name, make in makers.items():
         start = time.perf_counter()
@@ -105,7 +108,8 @@ def main() -> None:
     for s in args.scales:
         samples, seconds = draw(model, classifier=classifier, guidance_scale=s)
         rows.append(score("classifier", s, samples, labels, judge_model, seconds, args.tag))
-    model = load_checkpoint(timings["conditional model"][0]).build_model().to(device)
+    if args.weights:
+        model = load_checkpoint(timings["conditional model"][0]).build_model().to(device)
     for w in args.weights:
         samples, seconds = draw(model, guidance_weight=w)
         rows.append(score("classifier-free", w, samples, labels, judge_model, seconds, args.tag))
