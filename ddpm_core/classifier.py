@@ -20,8 +20,8 @@ from ddpm_core.checkpoint import atomic_save, check_state, safe_load, stored_con
 from ddpm_core.config import ClassifierConfig, DiffusionConfig, ModelConfig, replace, to_dict
 from ddpm_core.diffusion import q_sample, sample_timesteps
 from ddpm_core.layers import AttentionBlock, Downsample, ResnetBlock, TimestepEmbedding, group_norm
-from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.runtime import progress_bar
+from ddpm_core.schedule import NoiseSchedule
 
 FORMAT = "ddpm_core.noisy_classifier"
 

@@ -143,7 +143,7 @@ class ModelConfig:
         if widths[0] < 2 * self.norm_groups:
             raise ValueError(f"norm_groups={self.norm_groups} over {widths[0]} channels puts fewer than 2 channels in "
                              f"a group, which subtracts the timestep embedding again; use norm_groups <= "
-                             f"{widths[0] // 2} (the MNIST profiles use 8)")
+                             f"{widths[0] // 2} (the MNIST profiles: 4 groups at 16 channels, 8 at 32)")
 
     @property
     def resolutions(self) -> tuple[int, ...]:
@@ -202,10 +202,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
         check_choice(self.loss_weighting, LossWeighting, "loss_weighting")
+        check_types(self)
         if not (self.min_snr_gamma > 0 and self.p2_gamma >= 0):
             raise ValueError(f"min_snr_gamma must be positive and p2_gamma non-negative, got {self.min_snr_gamma} "
                              f"and {self.p2_gamma}")
-        check_types(self)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
         if self.sample_every < 0 or self.snapshot_every < 0:

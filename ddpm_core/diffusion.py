@@ -111,11 +111,10 @@ def timestep_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = 
     """The weight w_t (B,) of each sample's eps-MSE, with SNR_t = alpha_bar_t / (1 - alpha_bar_t).
 
     "uniform": 1, L_simple itself. "min_snr" (Hang et al. 2023): min(SNR_t, gamma) / SNR_t,
-    the x0-MSE's weight clipped at gamma and rewritten for eps: it is 1 where SNR_t <= gamma
-    (the noisy steps) and SNR_t falls off below gamma / SNR_t at the clean ones. "p2" (Choi et
-    al. 2022, k = 1): 1 / (1 + SNR_t) ** gamma, which also turns down the steps that only
-    clean up imperceptible noise. Neither changes what the network predicts, so the samplers
-    are unchanged.
+    the x0-MSE's weight clipped at gamma and rewritten for eps: 1 where SNR_t <= gamma (the
+    noisy steps), gamma / SNR_t at the cleaner ones. "p2" (Choi et al. 2022, k = 1):
+    1 / (1 + SNR_t) ** gamma, which also turns down the steps that only remove imperceptible
+    noise. Neither changes what the network predicts, so the samplers are unchanged.
     """
     snr = schedule.snr()[t]
     if weighting == "uniform":

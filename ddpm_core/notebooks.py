@@ -297,7 +297,7 @@ def run_notebooks(folder: str | Path, out: str | Path, parameters: dict, prepare
                 papermill.execute_notebook(
                     str(path), str(out / path.name), parameters=subsets[path], cwd=str(path.parent),
                     prepare_only=prepare_only, progress_bar=False, kernel_name="python3",
-                    stdout_file=sys.stdout if progress else None, stderr_file=sys.stderr if progress else None,
+                    stdout_file=sys.stderr if progress else None, stderr_file=sys.stderr if progress else None,
                     kernel_manager_class=kernel_manager_class())
         except PapermillExecutionError as error:
             raise NotebookFailed(f"{path.name} failed in cell {error.exec_count}: {error.ename}: {error.evalue} "
@@ -313,8 +313,9 @@ def run_notebooks(folder: str | Path, out: str | Path, parameters: dict, prepare
 @contextlib.contextmanager
 def kernel_progress(progress: bool) -> Iterator[None]:
     """With `progress`, the kernels started meanwhile draw plain-text bars (runtime.PROGRESS_ENV),
-    which the batch streams to its stderr with the cells' own output: which model trains, how
-    many steps, the rate and the time left, where a widget would show nothing headless."""
+    which the batch streams to its stderr with the cells' own output (stdout keeps the
+    command's report): which model trains, how many steps, the rate and the time left, where a
+    widget would show nothing headless."""
     previous = os.environ.get(PROGRESS_ENV)
     if progress:
         os.environ[PROGRESS_ENV] = "text"
