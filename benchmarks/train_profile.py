@@ -17,20 +17,20 @@ Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set mode
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from common import RESULTS, write_results
-from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.checkpoint import Checkpoint, load_checkpoint
 from ddpm_core.classifier_runs import trained_judge
 from ddpm_core.config import RunSpec, SamplerConfig, replace
 from ddpm_core.denoisers import training_flops_per_image
 from ddpm_core.evaluation import Evaluator
 from ddpm_core.generation import generate
 from ddpm_core.judge import judge, load_digit_classifier
+from ddpm_core.notebooks import parse_value
 from ddpm_core.plotting import save_image_grid
 from ddpm_core.runs import resolve_run, run_dir, runs_root, trained_checkpoint
 from ddpm_core.runtime import configure_threads, resolve_device
@@ -40,16 +40,13 @@ SAMPLERS = {"ddim50": SamplerConfig("ddim", 50, eta=1.0), "ddpm1000": SamplerCon
 
 
 def parse_setting(text: str) -> tuple[str, str, object]:
-    """"train.lr=4e-3" -> ("train", "lr", 0.004); values are JSON (lists for tuples), else strings."""
+    """"train.lr=4e-3" -> ("train", "lr", 0.004); values read as the notebooks' -p values are
+    (`notebooks.parse_value`: Python literals, lists for tuples, else the plain string)."""
     name, sep, raw = text.partition("=")
     section, dot, field = name.partition(".")
     if not (sep and dot and section in ("model", "diffusion", "train")):
         raise SystemExit(f"--set {text!r}: write SECTION.FIELD=VALUE, SECTION one of model, diffusion, train")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return section, field, value
+    return section, field, parse_value(raw)
 
 
 def spec_for(profile: str, settings: list[str], scale: float) -> RunSpec:
@@ -68,10 +65,10 @@ def spec_for(profile: str, settings: list[str], scale: float) -> RunSpec:
     return spec
 
 
-def score(checkpoint_path: Path, sampler: SamplerConfig, num: int, evaluator: Evaluator, judge_model, device,
+def score(checkpoint: Checkpoint, sampler: SamplerConfig, num: int, evaluator: Evaluator, judge_model, device,
           use_ema: bool, grid: Path | None) -> dict:
     start = time.perf_counter()
-    samples = torch.cat(list(generate(load_checkpoint(checkpoint_path), num, sampler,
+    samples = torch.cat(list(generate(checkpoint, num, sampler,
                                       seed=0, device=device, use_ema=use_ema, progress=True)))
     seconds = time.perf_counter() - start
     scores = evaluator.score(samples.split(250), seed=0)
@@ -128,8 +125,9 @@ def main() -> None:
         "images_per_s": round(spec.train.batch_size * spec.train.steps / log[-1]["elapsed_s"], 1) if log else None,
         "floor": round(evaluator.floor(args.samples)["fid"], 2), "samples": args.samples,
     }
+    checkpoint = load_checkpoint(last)  # read once for every sampler row
     for key, (sampler, use_ema) in runs.items():
-        results[key] = score(last, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
+        results[key] = score(checkpoint, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
                              grids / f"{name}_{key}.png")
         print(key, results[key])
     path = write_results(name, results, grids)

@@ -116,7 +116,8 @@ def timestep_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = 
     1 / (1 + SNR_t) ** gamma, which also turns down the steps that only remove imperceptible
     noise. Neither changes what the network predicts, so the samplers are unchanged.
     """
-    snr = schedule.snr()[t]
+    alpha_bar = schedule.alphas_cumprod[t]  # only the batch's steps: this runs every training step
+    snr = alpha_bar / (1.0 - alpha_bar)
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting == "min_snr":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
+import functools
 import io
 import logging
 import math
@@ -329,6 +330,7 @@ def kernel_progress(progress: bool) -> Iterator[None]:
                 os.environ[PROGRESS_ENV] = previous
 
 
+@functools.cache
 def kernel_manager_class() -> type:
     """nbclient's kernel manager, over local sockets (IPC) where the system has them: a kernel
     that listens on TCP warns, in every notebook, that it runs without encryption; one on IPC
