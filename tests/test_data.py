@@ -13,9 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from torchvision import datasets
 
-from ddpm_core.data import DatasetCorruptError, DatasetUnavailableError, make_dataset, resolve_data_root
+from ddpm_core.data import (
+    DatasetCorruptError, DatasetUnavailableError, TensorImages, make_dataset, resolve_data_root, to_model_range,
+)
 from fake_data import write_fake_cifar10, write_fake_mnist
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -45,12 +48,37 @@ def test_mnist_loads_in_minus_one_to_one(tmp_path):
     torch.testing.assert_close(x[0], torch.from_numpy(images[3]).float() / 255 * 2 - 1)
 
 
+def test_mnist_in_memory_is_torchvisions_per_item_path_bit_for_bit(tmp_path):
+    write_fake_mnist(tmp_path)
+    for train in (True, False):
+        data = make_dataset("mnist", tmp_path, train=train, download=False)
+        per_item = datasets.MNIST(str(tmp_path), train=train, transform=to_model_range(1))
+        assert isinstance(data, TensorImages) and len(data) == len(per_item)
+        for i in range(len(data)):
+            (x, y), (x_ref, y_ref) = data[i], per_item[i]
+            assert torch.equal(x, x_ref) and y == y_ref and type(y) is int
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        sampler = [order[:8], order[8:16]]
+        for (x, y), (x_ref, y_ref) in zip(DataLoader(data, batch_sampler=sampler),
+                                          DataLoader(per_item, batch_sampler=sampler)):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)  # what __getitems__ hands the loader
+    assert not isinstance(make_dataset("mnist", tmp_path, download=False, flip=True), TensorImages)  # random flips
+
+
+def test_tensor_images_refuses_mismatched_labels():
+    with pytest.raises(ValueError, match="N labels"):
+        TensorImages(torch.zeros(3, 1, 4, 4), torch.zeros(2))
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "MNIST" / "raw").is_dir(), reason="the real MNIST is not on this machine")
 def test_real_mnist():
     train, test = make_dataset("mnist", SHARED_DATA, download=False), make_dataset("mnist", SHARED_DATA, train=False)
     assert (len(train), len(test)) == (60_000, 10_000)
     x, y = train[0]
     assert x.shape == (1, 28, 28) and x.min() == -1 and x.max() == 1 and y == 5
+    per_item = datasets.MNIST(str(SHARED_DATA), transform=to_model_range(1))
+    for i in torch.randint(len(train), (300,), generator=torch.Generator().manual_seed(0)).tolist():
+        assert torch.equal(train[i][0], per_item[i][0]) and train[i][1] == per_item[i][1]
 
 
 def test_cifar10_passes_torchvisions_checksums_and_flips(tmp_path, fake_cifar_checksums):
