@@ -96,7 +96,7 @@ def train_noisy_classifier(classifier: NoisyClassifier, schedule: NoiseSchedule,
                 scheduler.step()
                 losses.append(loss.item())
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # drawn at the next redraw
                 if len(losses) == config.steps:
                     break
     return losses

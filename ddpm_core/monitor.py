@@ -111,7 +111,7 @@ class LogWindow:
                   "images_per_s": len(self.losses) * config.batch_size / (now - self.start),
                   "elapsed_s": now - self.run_start}
         self.log.write(record)
-        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{record['images_per_s']:.0f}", refresh=False)
         self.start, self.losses = now, []
 
 

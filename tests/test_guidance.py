@@ -139,6 +139,18 @@ def test_classifier_learns_the_class_and_loses_it_in_the_noise():
     assert accuracy[2] < 0.75  # alpha_bar_99 ~ 0.006 here: almost no signal left
 
 
+def test_classifier_bar_in_a_headless_batch_is_redrawn_by_time_not_by_step(monkeypatch, capsys):
+    """With $DDPM_PROGRESS=text (what `make run` sets for its kernels) the bar writes to the
+    batch's log every TEXT_BAR_INTERVAL_S: the loss shown beside it must not redraw it per step."""
+    monkeypatch.setenv("DDPM_PROGRESS", "text")
+    x0, y = torch.rand(64, 1, 8, 8) * 2 - 1, torch.randint(0, 2, (64,))
+    classifier = NoisyClassifier(replace(TINY, attention=False), num_classes=2)
+    train_noisy_classifier(classifier, SCHEDULE, torch.utils.data.TensorDataset(x0, y),
+                           ClassifierConfig(steps=40, batch_size=8), progress=True)
+    drawn = capsys.readouterr().err.count("noise-aware classifier")
+    assert 1 <= drawn <= 3, drawn  # the start and the end (one per step before: 42)
+
+
 def test_classifier_round_trip_and_foreign_files(tmp_path):
     classifier = NoisyClassifier(TINY, num_classes=10)
     path = save_noisy_classifier(classifier, SCHEDULE_CONFIG, tmp_path / "c.pt", {"steps": 3})
