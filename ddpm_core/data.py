@@ -182,11 +182,11 @@ class TensorImages(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        return self.images[index].clone(), int(self.labels[index])  # a copy, as torchvision's: edits stay out
 
     def __getitems__(self, indices: list[int]) -> list[tuple[torch.Tensor, int]]:
         rows = torch.as_tensor(indices, dtype=torch.long)
-        return list(zip(self.images[rows].unbind(0), self.labels[rows].tolist()))
+        return list(zip(self.images[rows].unbind(0), self.labels[rows].tolist()))  # indexing copies
 
 
 def _unavailable(name: str, root: Path, error: Exception) -> DatasetUnavailableError:
@@ -213,8 +213,8 @@ def make_dataset(
 
     MNIST and CIFAR-10 come through torchvision (downloaded into the data root when missing);
     CIFAR-10 gets random horizontal flips by default, as in the paper; MNIST (unflipped) is
-    held as one tensor (`TensorImages`), the same pixels without a PIL image per item. "folder" needs
-    `image_size` and `channels`. Missing data that cannot be downloaded raises
+    held as one tensor (`TensorImages`), the same pixels without a PIL image per item.
+    "folder" needs `image_size` and `channels`. Missing data that cannot be downloaded raises
     DatasetUnavailableError naming the folder searched and how to provide the files; a file
     that is there but unreadable raises DatasetCorruptError naming it and the fix.
     """

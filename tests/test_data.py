@@ -62,6 +62,9 @@ def test_mnist_in_memory_is_torchvisions_per_item_path_bit_for_bit(tmp_path):
         for (x, y), (x_ref, y_ref) in zip(DataLoader(data, batch_sampler=sampler),
                                           DataLoader(per_item, batch_sampler=sampler)):
             assert torch.equal(x, x_ref) and torch.equal(y, y_ref)  # what __getitems__ hands the loader
+    x, _ = data[0]
+    x.add_(1.0)  # an edit of an item does not reach the dataset
+    assert torch.equal(data[0][0], per_item[0][0])
     assert not isinstance(make_dataset("mnist", tmp_path, download=False, flip=True), TensorImages)  # random flips
 
 
