@@ -116,8 +116,7 @@ def timestep_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = 
     1 / (1 + SNR_t) ** gamma, which also turns down the steps that only remove imperceptible
     noise. Neither changes what the network predicts, so the samplers are unchanged.
     """
-    alpha_bar = schedule.alphas_cumprod[t]  # only the batch's steps: this runs every training step
-    snr = alpha_bar / (1.0 - alpha_bar)
+    snr = schedule.snr(t)  # only the batch's steps: this runs every training step
     if weighting == "uniform":
         return torch.ones_like(snr)
     if weighting == "min_snr":

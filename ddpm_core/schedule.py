@@ -153,9 +153,11 @@ class NoiseSchedule:
         fields = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)}
         return NoiseSchedule(**fields)
 
-    def snr(self) -> torch.Tensor:
-        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t), shape (T,)."""
-        return self.alphas_cumprod / (1.0 - self.alphas_cumprod)
+    def snr(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """Signal-to-noise ratio alpha_bar_t / (1 - alpha_bar_t): shape (T,), or at the steps `t`
+        only (a training batch's, without computing all T)."""
+        alpha_bar = self.alphas_cumprod if t is None else self.alphas_cumprod[t]
+        return alpha_bar / (1.0 - alpha_bar)
 
 
 def gather(coefficient: torch.Tensor, t: torch.Tensor | int, ndim: int) -> torch.Tensor:
