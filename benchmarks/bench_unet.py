@@ -2,7 +2,9 @@
 
 Both models see the same batches; we time a forward pass (inference) and a training step
 (forward, L_simple-style MSE, backward, AdamW), interleaving the two models round by round
-so that both see the same machine load. Run: `.venv/bin/python benchmarks/bench_unet.py`.
+so that both see the same machine load. The laptop UNet runs twice, in the default (NCHW) order
+and channels-last (what `Checkpoint.build_model` hands the samplers).
+Run: `.venv/bin/python benchmarks/bench_unet.py`.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def main() -> None:
     torch.manual_seed(0)
     models = {
         "ddpm_core laptop profile": build_model(get_profile("laptop").model),
+        # the same UNet, its weights in the order Checkpoint.build_model gives the samplers
+        "ddpm_core laptop, channels-last": build_model(get_profile("laptop").model).to(memory_format=torch.channels_last),
         "ddpm_core 2.73M (first laptop guess)": build_model(MNIST_SMALL_MODEL),
         # the same layout as the diffusers model below, to compare implementations layer for layer
         "ddpm_core (32,64,64)x2": build_model(replace(MNIST_SMALL_MODEL, channel_mults=(1, 2, 2), num_res_blocks=2)),
@@ -87,7 +91,7 @@ def main() -> None:
             "train_images_per_s": round(statistics.median(rates[name, "train"]), 1),
         }
         rows.append(row)
-        print(f"{name:22s} {row['parameters'] / 1e6:5.2f}M params, batch {args.batch}: "
+        print(f"{name:34s} {row['parameters'] / 1e6:5.2f}M params, batch {args.batch}: "
               f"forward {row['forward_images_per_s']:7.1f} img/s, train {row['train_images_per_s']:6.1f} img/s")
     *ours, theirs = rows
     for row in ours:

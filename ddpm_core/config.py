@@ -187,7 +187,7 @@ class TrainConfig:
     snapshot_every: int = 0  # keep the EMA weights as out/snapshots/step_N.pt (FID over training)
     amp: bool = True  # bfloat16 autocast, used on CUDA only
     compile: bool = False  # torch.compile the model (pays on long GPU runs)
-    channels_last: bool = False  # CUDA only; slower on CPUs
+    channels_last: bool = False  # CUDA only: level on a CPU in training (the samplers there use it: Checkpoint.build_model)
     fused_adam: bool = True  # AdamW's fused CUDA kernel (CUDA only)
     pin_memory: bool = True  # page-locked batches copied without blocking (CUDA only)
     num_workers: int = 0

@@ -34,6 +34,21 @@ def test_ema_weights_are_preferred_for_sampling(tmp_path):
     torch.testing.assert_close(loaded.build_model(use_ema=False).state_dict(), checkpoint.model_state)
 
 
+def test_the_sampling_model_is_channels_last_and_computes_the_same():
+    checkpoint = make_checkpoint()
+    fast, plain = checkpoint.build_model(), checkpoint.build_model(channels_last=False)
+    # 3x3 kernels over several channels: where the two orders differ (1x1 or 1-channel ones are both)
+    convs = [m.weight for m in fast.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3)
+             and m.in_channels > 1]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    assert all(m.weight.is_contiguous() for m in plain.modules() if isinstance(m, torch.nn.Conv2d))
+    x, t = torch.randn(3, TINY_UNET.in_channels, 16, 16), torch.tensor([0, 20, 49])
+    with torch.no_grad():
+        out = fast(x, t)
+        torch.testing.assert_close(out, plain(x, t), rtol=1e-4, atol=1e-4)
+    assert out.abs().mean() > 0.1  # the random weights' conv_out is not zero: a real comparison
+
+
 def test_a_crash_while_writing_keeps_the_last_good_file(tmp_path, monkeypatch):
     path = save_checkpoint(make_checkpoint(), tmp_path / "ckpt.pt")
     before = path.read_bytes()
