@@ -81,6 +81,7 @@ CHOICES = {
     "schedule": get_args(ScheduleName),
     "metric": ("auto", *get_args(MetricName)),
     "free_guidance": ("auto",),
+    "ddpm_rows": ("auto",),
 }
 # What nobody sees in a headless batch, so it runs only when asked for: notebook 02's live view
 # of its training (`-p watch True` draws it anyway; `make test` does, to test it).

@@ -231,6 +231,7 @@ BAD = [  # (-p NAME VALUE as the command line parses it, what the one-line messa
     ({"device": "gpu"}, ["unknown device 'gpu'; valid choices: auto, cpu, cuda, mps"]),
     ({"metric": "fid"}, ["unknown metric 'fid'; valid choices: auto, inception, mnist"]),
     ({"free_guidance": "maybe"}, ["unknown free_guidance 'maybe'; valid choices: True, False, auto"]),
+    ({"ddpm_rows": "yes"}, ["unknown ddpm_rows 'yes'; valid choices: True, False, auto"]),
     ({"profile": "smoke", "dataset": "cifar10"}, ["profile 'smoke' builds a 28x28 model", "profiles for cifar10"]),
 ]
 
