@@ -68,10 +68,16 @@ def write_sample_grid(model: nn.Module, schedule: NoiseSchedule, shape: tuple[in
     return save_image_grid(grid_samples(model, schedule, shape, steps, eta, seed), path)
 
 
-def plot_loss_curve(records: list[dict] | dict[str, list[dict]]) -> Figure:
+WEIGHTING_NAMES = {"min_snr": "Min-SNR", "p2": "P2"}  # TrainConfig.loss_weighting, as a legend names it
+
+
+def plot_loss_curve(records: list[dict] | dict[str, list[dict]], weighting: str = "uniform") -> Figure:
     """Training loss (per logging window) and held-out loss against step, log scale: one run's
-    log records, or several runs by name (for comparisons)."""
+    log records, or several runs by name (for comparisons). `weighting` is the runs'
+    `TrainConfig.loss_weighting`: the training loss is the weighted eps-MSE it optimises (P2's
+    is several times smaller than L_simple), the held-out loss always plain L_simple."""
     runs = records if isinstance(records, dict) else {"": records}
+    objective = "L_simple" if weighting == "uniform" else f"L_simple weighted by {WEIGHTING_NAMES.get(weighting, weighting)}"
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     for name, run in runs.items():
@@ -79,9 +85,9 @@ def plot_loss_curve(records: list[dict] | dict[str, list[dict]]) -> Figure:
         train = [(r["step"], r["loss"]) for r in run if "loss" in r]
         heldout = [(r["step"], r["heldout_loss"]) for r in run if "heldout_loss" in r]
         if train:
-            ax.plot(*zip(*train), label=f"{prefix}training loss (L_simple)")
+            ax.plot(*zip(*train), label=f"{prefix}training loss ({objective})")
         if heldout:
-            ax.plot(*zip(*heldout), "o-", label=f"{prefix}held-out loss, EMA weights")
+            ax.plot(*zip(*heldout), "o-", label=f"{prefix}held-out L_simple, EMA weights")
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
@@ -137,7 +143,7 @@ class Checkpointing:
             self.log.write({"step": state.step, "heldout_loss": value, "best": is_best})
         state.save(trainer.checkpoint_path)
         if main:
-            save_figure(plot_loss_curve(self.log.records), out / "loss.png")
+            save_figure(plot_loss_curve(self.log.records, config.loss_weighting), out / "loss.png")
 
 
 class Snapshots:

@@ -228,7 +228,7 @@ def test_a_crashed_run_resumes_to_the_run_that_never_stopped(straight, crashed, 
     out = resume_copy(crashed, tmp_path)
     reads, plotted = [], []
     monkeypatch.setattr(train_state, "read_log", lambda path: reads.append(path) or read_log(path))
-    monkeypatch.setattr(monitor, "plot_loss_curve", lambda records: plotted.append(list(records))
+    monkeypatch.setattr(monitor, "plot_loss_curve", lambda records, weighting="uniform": plotted.append(list(records))
                         or monitor.Figure())
     # checkpoints every 5 steps now (a resumed run may change how it is watched): 15 and 20
     trainer(out, checkpoint_every=5).run(resume=True)
@@ -366,3 +366,12 @@ def test_sigkill_then_resume_equals_a_run_that_never_stopped(tmp_path):
     assert b.train_state["step"] == 40
     assert_same_weights(a.model_state, b.model_state)
     assert_same_weights(a.ema_state, b.ema_state)
+
+
+def test_the_loss_curve_names_the_objective_the_run_trained_on():
+    records = [{"step": 10, "loss": 0.02}, {"step": 20, "loss": 0.01}, {"step": 20, "heldout_loss": 0.1}]
+    labels = {w: [t.get_text() for t in monitor.plot_loss_curve(records, w).axes[0].get_legend().get_texts()]
+              for w in ("uniform", "p2", "min_snr")}
+    assert labels["uniform"] == ["training loss (L_simple)", "held-out L_simple, EMA weights"]
+    assert labels["p2"][0] == "training loss (L_simple weighted by P2)"
+    assert labels["min_snr"][0] == "training loss (L_simple weighted by Min-SNR)"
