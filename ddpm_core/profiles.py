@@ -51,12 +51,12 @@ PROFILES = {
             "laptop", "mnist", LAPTOP_MODEL, DiffusionConfig("linear", 1000),
             # 4,800 x 32 images x 0.42 GFLOP = 64.6 TFLOP of training (the old profile: 129). P2
             # weighting, batch 32 and lr 1e-3 each won a quarter-length screen (README: the table);
-            # batch 32 runs at ~93 images/s on 2 cores against ~118 for 64, hence 4,800 steps, not 6,000.
+            # batch 32 ran at 92-127 images/s on 2 cores (about 118 for 64), hence 4,800 steps, not 6,000.
             TrainConfig(steps=4800, batch_size=32, lr=1e-3, lr_decay="cosine", warmup_steps=240, ema_decay=0.999,
                         ema_warmup=True, log_every=50, checkpoint_every=1200, sample_every=2400, snapshot_every=1200,
                         loss_weighting="p2"),
-            "MNIST on a 2-core CPU in about 30 minutes (README: how it was tuned)",
-            # The down half of LAPTOP_MODEL (0.18M), t uniform: 2,000 steps of 64 in 4.9 min, 95.5%
+            "MNIST on a 2-core CPU in about 25 minutes (README: how it was tuned)",
+            # The down half of LAPTOP_MODEL (0.18M), t uniform: 2,000 steps of 64 in 4.6-4.9 min, 95.0-95.5%
             # guided accuracy at s = 20 (README: the classifier rows; 1e-3 and 5e-3 did worse).
             ClassifierConfig(steps=2000, batch_size=64, lr=2e-3), judged_samples=100, fid_samples=100,
         ),
