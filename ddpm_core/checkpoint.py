@@ -18,6 +18,8 @@ from torch import nn
 from ddpm_core.config import DiffusionConfig, ModelConfig, to_dict
 from ddpm_core.denoisers import build_model
 from ddpm_core.files import atomic_path
+from ddpm_core.objectives import as_eps_denoiser
+from ddpm_core.schedule import NoiseSchedule
 
 FORMAT = "ddpm_core.checkpoint"
 VERSION = 1
@@ -42,13 +44,15 @@ class Checkpoint:
         values are the same to float32 rounding, and sampling on a CPU is about 1.2x faster
         (`benchmarks/bench_unet.py`: the laptop UNet's forward). Training is level either way
         there, so the trainer keeps the default order (`TrainConfig.channels_last`, CUDA only).
+        A network that predicts x_0 or mu_tilde (`ModelConfig.prediction`) comes wrapped as the
+        eps predictor the samplers take (`objectives.EpsFromPrediction`).
         """
         model = build_model(self.model_config)
         state = self.ema_state if use_ema and self.ema_state is not None else self.model_state
         model.load_state_dict(state)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return model.eval()
+        return as_eps_denoiser(model, self.model_config, NoiseSchedule.from_config(self.diffusion_config)).eval()
 
 
 def atomic_save(payload: dict, path: str | Path) -> Path:

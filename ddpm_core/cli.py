@@ -5,8 +5,8 @@ is `ddpm_core.commands`', every computation a library call.
 Commands: `demo` (samples from an untrained UNet with both samplers, and the schedule plot),
 `train` (a profile on MNIST, CIFAR-10 or an image folder), `train-classifier` (the noise-aware
 classifier for guidance), `sample` (draw images from a checkpoint, optionally guided towards
-chosen classes), `evaluate` (FID and IS of a checkpoint's samples), `notebooks` (the papermill
-batch), `import-pretrained` (the authors' weights).
+chosen classes), `evaluate` (FID and IS of a checkpoint's samples; with --nll, the bound in
+bits/dim), `notebooks` (the papermill batch), `import-pretrained` (the authors' weights).
 """
 
 from __future__ import annotations
@@ -52,6 +52,14 @@ def integer(minimum: int):
         return value
 
     return parse
+
+
+def sample_count(text: str) -> int:
+    """--num-samples: 0 (no FID or IS: `evaluate --nll N` alone) or >= 2 (FID needs two images)."""
+    value = integer(0)(text)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be >= 2 (FID needs two images), or 0 for --nll alone, got 1")
+    return value
 
 
 def number(minimum: float = -math.inf, below: float = math.inf, positive: bool = False):
@@ -187,9 +195,13 @@ def add_sample(commands) -> None:
 
 def add_evaluate(commands) -> None:
     evaluate = commands.add_parser("evaluate", parents=[sampling_options()],
-                                   help="FID and Inception Score of a checkpoint's samples")
-    evaluate.add_argument("--num-samples", type=integer(2), default=50_000,
-                          help="images to generate (the paper: 50,000; fewer biases FID upward; FID needs 2)")
+                                   help="FID and Inception Score of a checkpoint's samples; with --nll, bits/dim")
+    evaluate.add_argument("--num-samples", type=sample_count, default=50_000,
+                          help="images to generate (the paper: 50,000; fewer biases FID upward; FID needs 2; "
+                               "0: no FID or IS, with --nll)")
+    evaluate.add_argument("--nll", type=integer(1), default=None, metavar="N",
+                          help="also the variational bound in bits/dim of N test images (Ho et al. 2020, Table 1), "
+                               "term by term, with --variance's reverse process; --batch-size images at a time")
     evaluate.add_argument("--metric", default="auto", choices=["auto", "inception", "mnist"],
                           help="inception (the paper's; default for CIFAR-10) or mnist (the judge's features)")
     evaluate.add_argument("--dataset", default=None, choices=["mnist", "cifar10"],

@@ -15,12 +15,13 @@ from pathlib import Path
 import torch
 
 from ddpm_core import distributed
-from ddpm_core.checkpoint import load_checkpoint
+from ddpm_core.checkpoint import Checkpoint, load_checkpoint
 from ddpm_core.classifier_runs import classifier_path, train_classifier, trained_judge
 from ddpm_core.config import MNIST_SMALL_MODEL, DiffusionConfig, SamplerConfig, replace
 from ddpm_core.denoisers import build_model, count_parameters
 from ddpm_core.files import atomic_path, check_output, write_json
 from ddpm_core.generation import default_batch_size, generate
+from ddpm_core.likelihood import bound_report
 from ddpm_core.notebooks import parse_value, run_notebooks
 from ddpm_core.plotting import plot_schedules, save_figure, save_image_grid
 from ddpm_core.pretrained import import_pretrained
@@ -171,15 +172,31 @@ def save_images(samples: torch.Tensor, folder: Path) -> Path:
 
 def run_evaluate(args: argparse.Namespace) -> dict:
     """FID and IS of `--num-samples` images from a checkpoint against the training set's cached
-    statistics, beside the real-vs-real floor at the same number of images; written to --out.
+    statistics, beside the real-vs-real floor at the same number of images; with --nll N, the
+    variational bound in bits/dim of N test images beside them; written to --out.
     A class-conditional checkpoint draws the classes in turn, guided by --guidance-weight."""
-    from ddpm_core.evaluation import Evaluator  # torchmetrics: seconds to import, so here
-
+    if args.num_samples == 0 and not args.nll:
+        raise ValueError("--num-samples 0 skips FID and IS, and no --nll N was asked for: nothing to evaluate")
     check_output(args.out)  # before hours of sampling, not after
     checkpoint = load_checkpoint(args.checkpoint)
     device = resolve_device(args.device)
-    config, sampler = checkpoint.model_config, sampler_config(args)
+    config = checkpoint.model_config
     dataset = args.dataset or checkpoint.metadata.get("dataset") or {1: "mnist", 3: "cifar10"}[config.in_channels]
+    report = {"checkpoint": str(args.checkpoint), "checkpoint_step": checkpoint.metadata.get("step"),
+              "ema": args.ema and checkpoint.ema_state is not None, "seed": args.seed, "device": str(device)}
+    if args.num_samples:
+        report.update(sample_scores(args, checkpoint, dataset, device))
+    if args.nll:
+        report["nll"] = bound_scores(args, checkpoint, dataset, device)
+    write_json(args.out, report)
+    return report
+
+
+def sample_scores(args: argparse.Namespace, checkpoint: Checkpoint, dataset: str, device: torch.device) -> dict:
+    """`evaluate`'s FID and IS part, with the floor."""
+    from ddpm_core.evaluation import Evaluator  # torchmetrics: seconds to import, so here
+
+    config, sampler = checkpoint.model_config, sampler_config(args)
     metric = args.metric if args.metric != "auto" else ("mnist" if dataset == "mnist" else "inception")
     judge = (args.judge or trained_judge(args.data_root, device=device, progress=args.progress)) if metric == "mnist" else None
     evaluator = Evaluator(metric, dataset, Path(args.stats_dir) if args.stats_dir else runs_root() / "fid_stats",
@@ -194,14 +211,12 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         "metric": metric, "feature_extractor": evaluator.extractor.identity,
         **{name: scores[name] for name in ("fid", "inception_score", "inception_score_std")},
         "num_samples": args.num_samples,
-        "checkpoint": str(args.checkpoint), "checkpoint_step": checkpoint.metadata.get("step"),
-        "ema": args.ema and checkpoint.ema_state is not None,
         **sampler_report(sampler, checkpoint.diffusion_config.num_timesteps),
-        "guidance_weight": args.guidance_weight if config.num_classes is not None else None, "seed": args.seed,
+        "guidance_weight": args.guidance_weight if config.num_classes is not None else None,
         "batch_size": batch_size,
         "reference": {"dataset": dataset, "split": "train", "num_images": evaluator.reference_size,
                       "file": str(evaluator.reference_file)},
-        "device": str(device), "seconds": round(seconds, 2), "samples_per_s": round(args.num_samples / seconds, 2),
+        "seconds": round(seconds, 2), "samples_per_s": round(args.num_samples / seconds, 2),
     }
     if metric == "mnist":
         report["note"] = "MNIST FID (the judge's 128 features), not comparable with Inception FID"
@@ -209,8 +224,26 @@ def run_evaluate(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         report["floor"] = {**evaluator.floor(args.num_samples, seed=args.seed),
                            "seconds": round(time.perf_counter() - start, 2)}
-    write_json(args.out, report)
     return report
+
+
+def bound_scores(args: argparse.Namespace, checkpoint: Checkpoint, dataset: str, device: torch.device) -> dict:
+    """`evaluate --nll N`: the variational bound of N test images in bits/dim, term by term
+    (`likelihood.bound_report`), with the reverse process's variance (--variance)."""
+    from ddpm_core.evaluation import test_set_bound
+
+    if checkpoint.model_config.num_classes is not None:
+        raise ValueError("--nll bounds an unconditional model's likelihood; this checkpoint is class-conditional")
+    model = checkpoint.build_model(use_ema=args.ema).to(device)
+    schedule = NoiseSchedule.from_config(checkpoint.diffusion_config)
+    start = time.perf_counter()
+    bound = test_set_bound(model, schedule, dataset, args.data_root, args.nll, args.batch_size or 100, args.variance,
+                           seed=args.seed, progress=args.progress)
+    seconds = time.perf_counter() - start
+    return {**bound_report(bound), "split": "test", "dataset": dataset, "variance": args.variance,
+            "clip_denoised": True, "timesteps": schedule.num_timesteps, "seconds": round(seconds, 2),
+            "images_per_s": round(args.nll / seconds, 3),
+            "forward_passes_per_s": round(args.nll * schedule.num_timesteps / seconds, 1)}
 
 
 def run_notebooks_command(args: argparse.Namespace) -> dict:

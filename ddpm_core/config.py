@@ -24,6 +24,8 @@ MetricName = Literal["inception", "mnist"]  # FID features: InceptionV3, or the 
 DatasetName = Literal["mnist", "cifar10", "folder"]
 LrDecay = Literal["constant", "cosine"]
 LossWeighting = Literal["uniform", "min_snr", "p2"]
+Prediction = Literal["eps", "mu", "x0"]  # what the network outputs (Ho et al. 2020, Table 2)
+Objective = Literal["simple", "vlb"]  # the unweighted MSE of that output, or the true bound L
 
 
 def check_choice(value: str, literal_type, what: str) -> None:
@@ -114,9 +116,13 @@ class ModelConfig:
     # GroupNorm's groups: 32 in the paper. Each group must hold two channels or more, or the
     # norm subtracts the per-channel timestep shift again; narrow networks take fewer groups.
     norm_groups: int = 32
+    # What the network outputs (`ddpm_core.objectives`): "eps" (the paper's model), "mu" (the
+    # posterior mean mu_tilde) or "x0". The samplers see every one of them as an eps predictor.
+    prediction: Prediction = "eps"
 
     def __post_init__(self) -> None:
         check_choice(self.kind, ModelKind, "model kind")
+        check_choice(self.prediction, Prediction, "prediction")
         # Accept lists from JSON or the command line, store tuples so the config stays hashable.
         for name in ("channel_mults", "attention_resolutions"):
             if isinstance(getattr(self, name), list):
@@ -198,9 +204,13 @@ class TrainConfig:
     loss_weighting: LossWeighting = "uniform"
     min_snr_gamma: float = 5.0
     p2_gamma: float = 1.0
+    # "simple": the unweighted MSE of the network's output (L_simple for eps); "vlb": the true
+    # variational bound L with fixed isotropic Sigma (Ho et al. 2020, Table 2; `objectives`).
+    objective: Objective = "simple"
 
     def __post_init__(self) -> None:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
+        check_choice(self.objective, Objective, "objective")
         check_choice(self.loss_weighting, LossWeighting, "loss_weighting")
         check_types(self)
         if not (self.min_snr_gamma > 0 and self.p2_gamma >= 0):
@@ -282,7 +292,7 @@ _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images",
 # Fields added after runs were cached: left out of the key at their default, so that those
 # runs keep their folder.
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
-                    "norm_groups": 32}
+                    "norm_groups": 32, "prediction": "eps", "objective": "simple"}
 
 
 def _key_fields(config) -> dict:

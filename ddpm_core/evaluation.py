@@ -11,6 +11,9 @@ Protocol (Ho et al. 2020, Sec. 4; PAPER_FACTS): 50,000 samples against the CIFAR
 set, Inception features of torch-fidelity's port of the TF graph (resized inside it). Small-n
 FID is biased upward, so the real-vs-real value at the same n (`Evaluator.floor`) is the
 number to compare with, and the MNIST FID is not comparable with Inception FID.
+
+The likelihood side of the paper (Table 1's NLL column) is here too as far as the test set
+goes: `test_set_bound` runs `ddpm_core.likelihood`'s bound over N test images.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from torchmetrics.image import FrechetInceptionDistance, InceptionScore
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 from ddpm_core.checkpoint import atomic_save, safe_load
-from ddpm_core.config import DatasetName, MetricName, check_choice
+from ddpm_core.config import DatasetName, MetricName, VarianceName, check_choice
 from ddpm_core.data import make_dataset
 from ddpm_core.judge import DigitClassifier, load_digit_classifier
+from ddpm_core.likelihood import Bound, variational_bound
 from ddpm_core.plotting import to_uint8
 from ddpm_core.runtime import progress_bar
+from ddpm_core.schedule import NoiseSchedule
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +170,20 @@ def dataset_batches(dataset: DatasetName, data_root: str | Path | None, train: b
         data = Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:num_images])
     for x, _ in DataLoader(data, batch_size=batch_size):
         yield to_uint8(x)
+
+
+def test_set_bound(model: nn.Module, schedule: NoiseSchedule, dataset: DatasetName, data_root: str | Path | None,
+                   num_images: int, batch_size: int = 100, variance: VarianceName = "fixedlarge", seed: int = 0,
+                   progress: bool = False) -> Bound:
+    """The variational bound (`likelihood.variational_bound`) of `num_images` test images drawn
+    at random (by `seed`), `batch_size` at a time, one forward pass per t per batch; the x_t
+    are drawn from a generator seeded by `seed` too, so the same call gives the same numbers."""
+    device = next(iter(model.parameters())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = [variational_bound(model, schedule, images.to(device).float() / 127.5 - 1, variance,
+                               generator=generator, progress=progress)
+             for images in dataset_batches(dataset, data_root, False, num_images, batch_size, seed)]
+    return Bound(*(torch.cat(pieces) for pieces in zip(*parts)))
 
 
 class Evaluator:

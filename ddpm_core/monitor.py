@@ -135,7 +135,7 @@ class Checkpointing:
             return
         main = trainer.place.is_main
         if main and trainer.holdout is not None:
-            value = heldout_loss(state.ema_model, trainer.schedule, trainer.holdout, seed=config.seed)
+            value = heldout_loss(trainer.ema_denoiser, trainer.schedule, trainer.holdout, seed=config.seed)
             is_best = value < state.best_heldout_loss
             if is_best:
                 state.best_heldout_loss = value
@@ -164,5 +164,5 @@ class SampleGrids:
         config, model_config, step = trainer.config, trainer.model_config, trainer.step
         if config.sample_every and step % config.sample_every == 0:
             shape = (config.sample_images, model_config.in_channels, model_config.image_size, model_config.image_size)
-            write_sample_grid(trainer.state.ema_model, trainer.schedule, shape,
+            write_sample_grid(trainer.ema_denoiser, trainer.schedule, shape,
                               trainer.out / "samples" / f"step_{step:07d}.png", seed=config.seed)

@@ -211,6 +211,7 @@ def sample(
     device: torch.device | str | None = None,
     guidance: GuidanceFn | None = None,
     trajectory_steps: Iterable[int] | None = None,
+    t_start: int | None = None,
     progress: bool = False,
 ) -> SampleOutput:
     """Draw x_0 of `shape` from x_T ~ N(0, I): the module docstring's loop, for either sampler.
@@ -222,9 +223,13 @@ def sample(
     generator: drives every random draw (it must live on `device`, which defaults to the
     model's). guidance: called on (x_t, t) at every step; its result is the step's
     `guidance_grad`. trajectory_steps: the t at which to keep x_t and x0_pred (for pictures).
+    t_start: begin at step t_start from `x_T`, which then holds that step's x_t (a latent to
+    continue from: Ho et al. 2020, Fig. 7); it must be a step the sampler visits.
     """
     SamplerConfig(sampler, num_steps, variance, eta, spacing, clip_denoised, amp)  # refuses bad settings
     pairs = timestep_pairs(schedule.num_timesteps, sampler, num_steps, spacing)
+    if t_start is not None:
+        pairs = _pairs_from(pairs, t_start, x_T)
     if device is None:
         device = next(iter(model.parameters())).device if isinstance(model, torch.nn.Module) else "cpu"
     device = torch.device(device)
@@ -234,7 +239,7 @@ def sample(
     keep, recorded = set(trajectory_steps or ()), []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
 
-    with _eval_mode(model):
+    with eval_mode(model):
         for t, t_prev in progress_bar(pairs, desc="sampling", disable=not progress, leave=False):
             t_batch = torch.full((x.shape[0],), t, device=device, dtype=torch.long)
             with autocast:
@@ -252,6 +257,17 @@ def sample(
     return SampleOutput(x, _trajectory(recorded, x.shape) if keep else None)
 
 
+def _pairs_from(pairs: list[tuple[int, int]], t_start: int, x_t: torch.Tensor | None) -> list[tuple[int, int]]:
+    """The sampler's steps from t_start down; refuses a t_start it never visits, or no x_t."""
+    visited = [t for t, _ in pairs]
+    if t_start not in visited:
+        shown = "every t from 0 to T - 1" if len(visited) == visited[0] + 1 else f"one of {sorted(visited)[:8]} ..."
+        raise ValueError(f"t_start={t_start} is not a step this sampler visits: use {shown}, or sampler='ddpm'")
+    if x_t is None:
+        raise ValueError(f"t_start={t_start} continues from a given latent: pass x_T=x_t, that step's input")
+    return pairs[visited.index(t_start):]
+
+
 def _trajectory(recorded: list[tuple[int, torch.Tensor, torch.Tensor]], shape: torch.Size) -> Trajectory:
     """The (t, x_t, x0_pred) kept along the way, stacked."""
     if not recorded:
@@ -261,7 +277,7 @@ def _trajectory(recorded: list[tuple[int, torch.Tensor, torch.Tensor]], shape: t
 
 
 @contextlib.contextmanager
-def _eval_mode(model: Denoiser):
+def eval_mode(model: Denoiser):
     """Put a module in eval mode (no dropout) for the loop, then restore its mode."""
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:

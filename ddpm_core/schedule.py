@@ -102,8 +102,9 @@ class NoiseSchedule:
     posterior_mean_coef2: torch.Tensor
 
     @classmethod
-    def from_betas(cls, betas: torch.Tensor) -> NoiseSchedule:
-        """Derive every coefficient from float64 betas, then store them as float32."""
+    def from_betas(cls, betas: torch.Tensor, dtype: torch.dtype = torch.float32) -> NoiseSchedule:
+        """Derive every coefficient from float64 betas, then store them as `dtype` (float32; the
+        variational bound keeps float64, see `ddpm_core.likelihood`)."""
         betas = betas.to(torch.float64)
         if betas.ndim != 1 or len(betas) < 2:
             raise ValueError("betas must be a 1-D tensor of at least 2 values")
@@ -132,7 +133,7 @@ class NoiseSchedule:
             posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1.0 - alphas_cumprod),
             posterior_mean_coef2=(1.0 - alphas_cumprod_prev) * alphas.sqrt() / (1.0 - alphas_cumprod),
         )
-        return cls(**{name: value.to(torch.float32) for name, value in coefficients.items()})
+        return cls(**{name: value.to(dtype) for name, value in coefficients.items()})
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> NoiseSchedule:

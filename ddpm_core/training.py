@@ -1,7 +1,8 @@
 """Training: Ho et al. 2020, Alg. 1 with what their code adds (warmup, gradient clipping, EMA),
 in one process or in several under torchrun (DistributedDataParallel).
 
-This module owns the optimisation loop; the loss is `ddpm_core.diffusion`'s L_simple, what a
+This module owns the optimisation loop; the loss is `ddpm_core.diffusion`'s L_simple (or another
+of Table 2's objectives, `ddpm_core.objectives`), what a
 checkpoint holds and how a run resumes `ddpm_core.train_state`'s, what the run logs and draws
 along the way `ddpm_core.monitor`'s hooks, the process group `ddpm_core.distributed`'s.
 Determinism: the batch order of each epoch is a permutation seeded by (seed, epoch), and the
@@ -36,9 +37,10 @@ from tqdm import tqdm  # the type; bars come from runtime.progress_bar
 
 from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_core.denoisers import build_model
-from ddpm_core.diffusion import loss_simple, sample_timesteps, timestep_weights
+from ddpm_core.diffusion import sample_timesteps, timestep_weights
 from ddpm_core.distributed import Distributed, epoch_batches, local_batch_size
 from ddpm_core.files import folder_lock, remove_orphans
+from ddpm_core.objectives import as_eps_denoiser, training_loss
 from ddpm_core.monitor import Checkpointing, LogWindow, SampleGrids, Snapshots
 from ddpm_core.runtime import progress_bar, stop_requests
 from ddpm_core.schedule import NoiseSchedule
@@ -159,6 +161,12 @@ class Trainer:
         return self.state.step
 
     @property
+    def ema_denoiser(self) -> nn.Module:
+        """The EMA weights as an eps predictor, whatever the network predicts (for sampling and
+        the held-out eps-MSE)."""
+        return as_eps_denoiser(self.state.ema_model, self.model_config, self.schedule)
+
+    @property
     def checkpoint_path(self) -> Path:
         return self.out / "last.pt"
 
@@ -192,7 +200,8 @@ class Trainer:
             # label (index num_classes), so that classifier-free guidance can mix the two.
             y = torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_simple(self.forward, self.schedule, x0, y, t=t, noise=eps, weights=weights)
+            loss = training_loss(self.forward, self.schedule, x0, self.model_config.prediction, config.objective, y,
+                                 t=t, noise=eps, weights=weights)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "

@@ -92,7 +92,7 @@ class TrainingView:
         model_config = trainer.model_config
         shape = (self.images, model_config.in_channels, model_config.image_size, model_config.image_size)
         sampler_steps = min(self.sampler_steps, trainer.schedule.num_timesteps)
-        samples = grid_samples(trainer.state.ema_model, trainer.schedule, shape, sampler_steps, seed=self.seed)
+        samples = grid_samples(trainer.ema_denoiser, trainer.schedule, shape, sampler_steps, seed=self.seed)
         curve = plot_loss_curve(read_log(trainer.out / "log.jsonl"), trainer.config.loss_weighting)
         curve.suptitle(f"step {step:,} of {config.steps:,}", fontsize=10)
         grid = plot_image_grid(samples, nrow=self.images, title=f"EMA samples at step {step:,} (DDIM, {sampler_steps} steps)")

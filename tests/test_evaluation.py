@@ -203,8 +203,22 @@ def test_evaluate_command_writes_every_field(mnist_root, judge_file, inception_f
     assert (report["metric"], report["steps"], report["variance"], report["ema"]) == ("mnist", 100, "fixedsmall", False)
     assert "floor" not in report and report["eta"] is None and report["spacing"] is None
 
+    # --nll N alone: the bound of N test images, term by term, beside nothing else
+    code, out, err = run_main(capsys, "evaluate", *common[:2], "--num-samples", "0", "--nll", "3", "--data-root",
+                              str(mnist_root), "--no-progress", "--variance", "fixedsmall", "--out", tmp_path / "nll.json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert "fid" not in report and report["checkpoint_step"] == 2
+    nll = report["nll"]
+    assert (nll["num_images"], nll["split"], nll["variance"], nll["timesteps"]) == (3, "test", "fixedsmall", 100)
+    assert nll["bits_per_dim"] == pytest.approx(nll["rate"] + nll["distortion"])
+    assert nll["rate"] == pytest.approx(nll["prior_L_T"] + nll["kl_terms"])
+    assert 0 < nll["prior_L_T"] < 1e-4 and nll["images_per_s"] > 0
+    assert set(nll["terms_by_t"]) == {"L_0", "L_1..L_9", "L_10..L_99"}
+
     for args, message in [
         (("--num-samples", "1"), ">= 2"),
+        (("--num-samples", "0"), "nothing to evaluate"),
         (("--sampler", "ddpm", "--steps", "10"), "use sampler='ddim'"),
         (("--metric", "inception", "--inception-weights", str(tmp_path / "none.pth")), "no Inception weights at"),
     ]:
