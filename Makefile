@@ -44,7 +44,7 @@ test-notebooks: $(VENV)/.installed-test
 	$(PY) tests/fake_data.py $(SMOKE)/data
 	$(PY) -m ddpm_core notebooks --prepare-only --no-progress --out $(SMOKE)/notebooks --profile smoke \
 		-p data_root $(SMOKE)/data -p runs_root $(SMOKE)/runs -p figures_dir $(SMOKE)/figures \
-		-p num_samples 8 -p compare_samples 2 -p free_guidance True -p ddpm_rows True -p sampler_steps 10 -p fid_samples 4 -p watch True
+		-p num_samples 8 -p compare_samples 2 -p free_guidance True -p ddpm_rows True -p sampler_steps 10 -p fid_samples 4 -p watch True -p ablation True
 	$(PY) -m pytest --nbval-lax --nbval-current-env -p no:cacheprovider $(SMOKE)/notebooks
 
 # JupyterLab in a real browser: Playwright drives Debian's headless Chromium (no browser

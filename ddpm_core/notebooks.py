@@ -71,6 +71,7 @@ BOUNDS = {
     "compare_samples": Bounds(1),
     "sampler_steps": Bounds(1),
     "fid_samples": Bounds(2, zero_is_auto=True),  # FID needs two samples for a covariance
+    "nll_images": Bounds(1, zero_is_auto=True),
     "guidance_scale": Bounds(0),
 }
 # The string parameters whose help comment lists a fixed set. `device` ("cuda:1" too) is checked
@@ -82,6 +83,7 @@ CHOICES = {
     "metric": ("auto", *get_args(MetricName)),
     "free_guidance": ("auto",),
     "ddpm_rows": ("auto",),
+    "ablation": ("auto",),
 }
 # What nobody sees in a headless batch, so it runs only when asked for: notebook 02's live view
 # of its training (`-p watch True` draws it anyway; `make test` does, to test it).

@@ -65,6 +65,14 @@ def resolve_device(name: DeviceName | str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def on_with_a_gpu(value: bool | str, name: str, device: torch.device) -> bool:
+    """A notebook switch that is True, False or "auto": "auto" runs the costly part where it is
+    cheap (a CUDA device) and leaves it opt-in on a CPU. Anything else is refused, named."""
+    if value not in (True, False, "auto"):
+        raise ValueError(f"{name} must be True, False or 'auto', got {value!r}")
+    return device.type == "cuda" if value == "auto" else value
+
+
 def seed_everything(seed: int) -> torch.Generator:
     """Seed Python, NumPy and PyTorch (all devices); return a CPU generator seeded the same."""
     random.seed(seed)

@@ -23,9 +23,10 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 # The numbered items of each paper the notebooks cite, from the papers themselves (arXiv versions).
 PAPERS = {
-    # Ho, Jain & Abbeel 2020, arXiv 2006.11239v2: Eqs. (1)-(16) in the text, (17)-(22) in App. A
+    # Ho, Jain & Abbeel 2020, arXiv 2006.11239v2: Eqs. (1)-(16) in the text, (17)-(22) in App. A;
+    # Algs. 1-2 training and sampling, 3-4 sending and receiving x_0 (Sec. 4.3)
     "Ho et al. 2020": {
-        "Eq": set(range(1, 23)), "Algorithm": {1, 2}, "Table": {1, 2, 3},
+        "Eq": set(range(1, 23)), "Algorithm": {1, 2, 3, 4}, "Table": {1, 2, 3},
         "Section": {"1", "2", "3", "3.1", "3.2", "3.3", "3.4", "4", "4.1", "4.2", "4.3", "4.4", "5", "6"},
     },
     # Song, Meng & Ermon 2021 (DDIM), arXiv 2010.02502: Eq. (12) the step, Eq. (16) sigma(eta)
@@ -166,13 +167,13 @@ def test_every_cross_reference_points_to_something_that_exists(path):
 
 def test_a_reference_to_nothing_is_named(tmp_path):
     path = tmp_path / "dangling.ipynb"
-    text = ("## 1. One\n\nSee Section 9, notebook 07, Exercise 5, Ho et al. 2020, Eq. (40), Alg. 3 and "
+    text = ("## 1. One\n\nSee Section 9, notebook 07, Exercise 5, Ho et al. 2020, Eq. (40), Alg. 5 and "
             "Smith et al. 2019, Eq. (1).\n\n## Exercises\n\n1. first\n")
     path.write_text(json.dumps({"cells": [{"cell_type": "markdown", "source": [text]}]}))
     problems = dangling(path)
     assert [line.rsplit("': ", 1)[1] for line in problems] == [
         "no Section 9 in this notebook", "no notebook 07", "no Exercise 5 in this notebook",
-        "Ho et al. 2020 has no Eq 40", "Ho et al. 2020 has no Algorithm 3",
+        "Ho et al. 2020 has no Eq 40", "Ho et al. 2020 has no Algorithm 5",
         "cites Smith et al. 2019, which this test does not know; add its numbered items",
     ]
 
