@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from ddpm_core.diffusion import loss_simple
+from ddpm_core.objectives import objective_name
 from ddpm_core.plotting import save_figure, save_image_grid
 from ddpm_core.sampling import ddim_sample
 from ddpm_core.schedule import NoiseSchedule
@@ -71,13 +72,17 @@ def write_sample_grid(model: nn.Module, schedule: NoiseSchedule, shape: tuple[in
 WEIGHTING_NAMES = {"min_snr": "Min-SNR", "p2": "P2"}  # TrainConfig.loss_weighting, as a legend names it
 
 
-def plot_loss_curve(records: list[dict] | dict[str, list[dict]], weighting: str = "uniform") -> Figure:
+def plot_loss_curve(records: list[dict] | dict[str, list[dict]], weighting: str = "uniform",
+                    objective: str | None = None) -> Figure:
     """Training loss (per logging window) and held-out loss against step, log scale: one run's
     log records, or several runs by name (for comparisons). `weighting` is the runs'
     `TrainConfig.loss_weighting`: the training loss is the weighted eps-MSE it optimises (P2's
-    is several times smaller than L_simple), the held-out loss always plain L_simple."""
+    is several times smaller than L_simple), the held-out loss always plain L_simple (the
+    eps-MSE, whatever the network predicts). `objective` names another training loss
+    (`objectives.objective_name`: the bound's terms, or the MSE of x0 or mu-tilde)."""
     runs = records if isinstance(records, dict) else {"": records}
-    objective = "L_simple" if weighting == "uniform" else f"L_simple weighted by {WEIGHTING_NAMES.get(weighting, weighting)}"
+    if objective is None:
+        objective = "L_simple" if weighting == "uniform" else f"L_simple weighted by {WEIGHTING_NAMES.get(weighting, weighting)}"
     fig = Figure(figsize=(6, 3.5), layout="constrained")
     ax = fig.subplots()
     for name, run in runs.items():
@@ -143,7 +148,8 @@ class Checkpointing:
             self.log.write({"step": state.step, "heldout_loss": value, "best": is_best})
         state.save(trainer.checkpoint_path)
         if main:
-            save_figure(plot_loss_curve(self.log.records, config.loss_weighting), out / "loss.png")
+            name = objective_name(trainer.model_config, config)
+            save_figure(plot_loss_curve(self.log.records, config.loss_weighting, name), out / "loss.png")
 
 
 class Snapshots:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddpm_core.config import ModelConfig, Objective, Prediction, VarianceName, check_choice
+from ddpm_core.config import ModelConfig, Objective, Prediction, TrainConfig, VarianceName, check_choice
 from ddpm_core.diffusion import Denoiser, loss_simple, predict_eps_from_x0, predict_x0_from_eps, q_posterior, q_sample
 from ddpm_core.likelihood import ReverseStep, reverse_log_variance, vb_terms_bpd
 from ddpm_core.schedule import NoiseSchedule, gather
@@ -60,6 +60,14 @@ class EpsFromPrediction(nn.Module):
 def as_eps_denoiser(net: nn.Module, config: ModelConfig, schedule: NoiseSchedule) -> nn.Module:
     """`net` itself when it predicts eps, else wrapped in `EpsFromPrediction`."""
     return net if config.prediction == "eps" else EpsFromPrediction(net, schedule, config.prediction)
+
+
+def objective_name(model: ModelConfig, train: TrainConfig) -> str | None:
+    """What a run's training loss is, for a plot's legend; None for eps with L_simple, which the
+    loss curve names itself (with its timestep weighting)."""
+    if train.objective == "vlb":
+        return "the bound's terms, bits/dim"
+    return {"eps": None, "x0": "MSE of x0", "mu": "MSE of mu_tilde"}[model.prediction]
 
 
 def reverse_step(schedule: NoiseSchedule, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,

@@ -19,6 +19,7 @@ from IPython.display import DisplayHandle, display
 from matplotlib.figure import Figure
 
 from ddpm_core.monitor import grid_samples, plot_loss_curve
+from ddpm_core.objectives import objective_name
 from ddpm_core.plotting import plot_image_grid
 from ddpm_core.train_state import read_log
 
@@ -93,7 +94,8 @@ class TrainingView:
         shape = (self.images, model_config.in_channels, model_config.image_size, model_config.image_size)
         sampler_steps = min(self.sampler_steps, trainer.schedule.num_timesteps)
         samples = grid_samples(trainer.ema_denoiser, trainer.schedule, shape, sampler_steps, seed=self.seed)
-        curve = plot_loss_curve(read_log(trainer.out / "log.jsonl"), trainer.config.loss_weighting)
+        curve = plot_loss_curve(read_log(trainer.out / "log.jsonl"), trainer.config.loss_weighting,
+                                objective_name(trainer.model_config, trainer.config))
         curve.suptitle(f"step {step:,} of {config.steps:,}", fontsize=10)
         grid = plot_image_grid(samples, nrow=self.images, title=f"EMA samples at step {step:,} (DDIM, {sampler_steps} steps)")
         for handle, figure in ((self.curve, curve), (self.grid, grid)):

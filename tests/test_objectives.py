@@ -140,3 +140,18 @@ def test_a_model_of_each_kind_trains_saves_and_samples(tmp_path, prediction, obj
     with torch.no_grad():
         raw = model.net(x_t, t)
         torch.testing.assert_close(model(x_t, t), eps_from_prediction(model.schedule, x_t, t, raw, prediction))
+
+
+def test_the_loss_curve_names_the_objective_a_run_trains_on():
+    from ddpm_core.monitor import plot_loss_curve
+    from ddpm_core.objectives import objective_name
+
+    records = [{"step": 10, "loss": 0.5}, {"step": 10, "heldout_loss": 0.4}]
+    cases = [(TINY_UNET, TrainConfig(), "training loss (L_simple)"),
+             (replace(TINY_UNET, prediction="x0"), TrainConfig(), "training loss (MSE of x0)"),
+             (replace(TINY_UNET, prediction="mu"), TrainConfig(objective="vlb"), "training loss (the bound's terms")]
+    for model_config, train_config, expected in cases:
+        name = objective_name(model_config, train_config)
+        legend = [t.get_text() for t in plot_loss_curve(records, "uniform", name).axes[0].get_legend().get_texts()]
+        assert legend[0].startswith(expected), legend
+        assert legend[1] == "held-out L_simple, EMA weights"

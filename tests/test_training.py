@@ -228,7 +228,7 @@ def test_a_crashed_run_resumes_to_the_run_that_never_stopped(straight, crashed, 
     out = resume_copy(crashed, tmp_path)
     reads, plotted = [], []
     monkeypatch.setattr(train_state, "read_log", lambda path: reads.append(path) or read_log(path))
-    monkeypatch.setattr(monitor, "plot_loss_curve", lambda records, weighting="uniform": plotted.append(list(records))
+    monkeypatch.setattr(monitor, "plot_loss_curve", lambda records, weighting="uniform", objective=None: plotted.append(list(records))
                         or monitor.Figure())
     # checkpoints every 5 steps now (a resumed run may change how it is watched): 15 and 20
     trainer(out, checkpoint_every=5).run(resume=True)
