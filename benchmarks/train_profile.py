@@ -5,13 +5,15 @@ backward, counted with `torch.utils.flop_counter` as `denoisers.training_flops_p
 the training's wall time and images/s, MNIST FID of N samples (the judge's features,
 against the 60,000 training images) with DDIM-50 (eta 1) and, with --ddpm, DDPM-1000, the
 share of samples the judge calls a digit with >= 90% confidence, and the smallest digit's
-share of those (1.0: every digit at its tenth). The real-vs-real floor at the same N is
-reported beside them. The run is trained once into RUNS_ROOT/PROFILE-mnist-KEY (the
-notebooks' folder when RUNS_ROOT is theirs) and found there again.
+share of those (1.0: every digit at its tenth); with --nll N, the variational bound of N test
+images in bits/dim. The real-vs-real floor at the same N is reported beside them. The run is
+trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks' folder when RUNS_ROOT is
+theirs) and found there again.
 
 Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set model.norm_groups=8
-      [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw]`
-(--scale 0.25 trains a quarter of the steps and warmup: the cheap screen before a full run).
+      [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw] [--nll 32]`
+(--scale 0.25 trains a quarter of the steps and warmup: the cheap screen before a full run;
+`--set model.prediction=x0 --set train.objective=vlb` are Table 2's rows, notebook 06).
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from ddpm_core.checkpoint import Checkpoint, load_checkpoint
 from ddpm_core.classifier_runs import trained_judge
 from ddpm_core.config import RunSpec, SamplerConfig, replace
 from ddpm_core.denoisers import training_flops_per_image
-from ddpm_core.evaluation import Evaluator
+from ddpm_core.evaluation import Evaluator, test_set_bound
 from ddpm_core.generation import generate
 from ddpm_core.judge import judge, load_digit_classifier
+from ddpm_core.likelihood import bound_report
 from ddpm_core.notebooks import parse_value
 from ddpm_core.plotting import save_image_grid
 from ddpm_core.runs import resolve_run, run_dir, runs_root, trained_checkpoint
 from ddpm_core.runtime import configure_threads, resolve_device
+from ddpm_core.schedule import NoiseSchedule
 from ddpm_core.train_state import read_log
 
 SAMPLERS = {"ddim50": SamplerConfig("ddim", 50, eta=1.0), "ddpm1000": SamplerConfig("ddpm", variance="fixedlarge")}
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (20x DDIM-50's sampling time)")
     parser.add_argument("--raw", action="store_true", help="also the raw (not EMA) weights, with DDIM-50")
+    parser.add_argument("--nll", type=int, default=0, metavar="N",
+                        help="also the variational bound in bits/dim of N test images (EMA weights, sigma^2 = beta_t)")
     parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
     parser.add_argument("--runs-root", default=None, help="where runs are cached (default: $DDPM_RUNS_ROOT, else ./runs)")
     parser.add_argument("--threads", type=int, default=None)
@@ -130,10 +136,17 @@ def main() -> None:
         results[key] = score(checkpoint, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
                              grids / f"{name}_{key}.png")
         print(key, results[key])
+    if args.nll:
+        start = time.perf_counter()
+        bound = test_set_bound(checkpoint.build_model().to(device), NoiseSchedule.from_config(checkpoint.diffusion_config),
+                               "mnist", args.data_root, args.nll, seed=0, progress=True)
+        results["nll"] = {**bound_report(bound), "seconds": round(time.perf_counter() - start, 1)}
+        print("nll", results["nll"])
     path = write_results(name, results, grids)
     ddpm = results.get("ddpm1000", {}).get("fid", "-")
+    bits = f" {results['nll']['bits_per_dim']:.3f} bits/dim |" if args.nll else ""
     print(f"| {args.label} | {tflop:.0f} | {results['training_seconds'] or 0:.0f} s | {results['ddim50']['fid']} | "
-          f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |   ({path})")
+          f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |{bits}   ({path})")
 
 
 if __name__ == "__main__":
