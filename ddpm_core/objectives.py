@@ -53,8 +53,8 @@ class EpsFromPrediction(nn.Module):
         self.net, self.schedule, self.prediction = net, schedule, prediction
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        schedule = self.schedule.to(x_t.device)
-        return eps_from_prediction(schedule, x_t, t, self.net(x_t, t, y).float(), self.prediction)
+        self.schedule = self.schedule.to(x_t.device)  # moved once, on the first call on a device
+        return eps_from_prediction(self.schedule, x_t, t, self.net(x_t, t, y).float(), self.prediction)
 
 
 def as_eps_denoiser(net: nn.Module, config: ModelConfig, schedule: NoiseSchedule) -> nn.Module:
