@@ -46,11 +46,11 @@ def shared_latents(model: Denoiser, schedule: NoiseSchedule, shape: Sequence[int
     each of `timesteps`; then `num_samples` continuations from each kept x_t. What the draws
     from one x_t share was fixed by step t: early (large t) only the rough layout, late almost
     everything."""
-    device = next(iter(model.parameters())).device if isinstance(model, torch.nn.Module) else "cpu"
     chain = sample(model, schedule, (1, *shape), "ddpm", variance=variance, trajectory_steps=timesteps,
-                   generator=generator, device=device, progress=progress)
+                   generator=generator, progress=progress)
     trajectory = chain.trajectory
-    latents = trajectory.x_t[:, 0]  # (K, C, H, W)
+    latents = trajectory.x_t[:, 0]  # (K, C, H, W), kept on the CPU
+    device = chain.samples.device  # the model's, where the chain ran
     draws = [samples_from_latent(model, schedule, x_t.to(device), t, num_samples, variance, generator).cpu()
              for t, x_t in zip(trajectory.timesteps, latents)]
     return SharedLatents(trajectory.timesteps, latents, torch.stack(draws), chain.samples[0].cpu())
@@ -68,13 +68,12 @@ def interpolate(model: Denoiser, schedule: NoiseSchedule, x0_a: torch.Tensor, x0
 
     With one eps for both, the mixed latent is the pixel blend of the two images noised with
     that eps: the reverse process has to turn a blend into an image of the data."""
-    device = x0_a.device
+    device, schedule = x0_a.device, schedule.to(x0_a.device)
     eps = torch.randn(x0_a.shape, generator=generator, device=device, dtype=x0_a.dtype)
     t_batch = torch.full((2,), t, device=device, dtype=torch.long)
-    x_t_a, x_t_b = q_sample(schedule.to(device), torch.stack([x0_a, x0_b]), t_batch, noise=torch.stack([eps, eps]))
+    x_t_a, x_t_b = q_sample(schedule, torch.stack([x0_a, x0_b]), t_batch, noise=torch.stack([eps, eps]))
     lam = torch.tensor(list(lambdas), device=device, dtype=x0_a.dtype).view(-1, 1, 1, 1)
     x = (1 - lam) * x_t_a + lam * x_t_b  # (L, C, H, W)
-    schedule = schedule.to(device)
     with eval_mode(model):
         for step in progress_bar(reversed(range(t + 1)), total=t + 1, desc="interpolating", disable=not progress,
                                  leave=False):

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddpm_core.config import ModelConfig, Objective, Prediction, TrainConfig, VarianceName, check_choice
-from ddpm_core.diffusion import Denoiser, loss_simple, predict_eps_from_x0, predict_x0_from_eps, q_posterior, q_sample
+from ddpm_core.diffusion import (Denoiser, loss_simple, predict_eps_from_x0, predict_x0_from_eps, q_posterior, q_sample,
+                                 sample_timesteps)
 from ddpm_core.likelihood import ReverseStep, reverse_log_variance, vb_terms_bpd
 from ddpm_core.schedule import NoiseSchedule, gather
 
@@ -100,7 +101,7 @@ def training_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, pr
     if prediction == "eps" and objective == "simple":
         return loss_simple(model, schedule, x0, y, t=t, noise=noise, weights=weights)
     if t is None:
-        t = torch.randint(0, schedule.num_timesteps, (x0.shape[0],), device=x0.device)
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = q_sample(schedule, x0, t, noise=noise)
