@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Train the rows of a screen side by side, each one `train_profile.py` call with its own log,
-# and bundle the rows, logs and sample grids into one archive. Made for a GPU box, where a
-# 0.4 GFLOP UNet leaves the card mostly idle and a dozen runs share it; on a CPU run the rows
-# one at a time instead (README: how the laptop profile was tuned).
+# Train the rows of a screen side by side, each one `train_profile.py` call with its own log
+# in OUT_DIR/logs (its result and grids go where train_profile.py writes them), then print the
+# rows' table lines in row order. Made for a GPU box, where a 0.4 GFLOP UNet leaves the card
+# mostly idle and a dozen runs share it; on a CPU run the rows one at a time instead (README:
+# how the laptop profile was tuned).
 #
 # Run: benchmarks/screen.sh ROWS_FILE OUT_DIR [SECONDS] [extra train_profile.py args...]
 #   ROWS_FILE: one row a line, "label|--set a=b --set c=d" (lines starting with # are skipped)
@@ -28,5 +29,5 @@ status=0
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { echo "row $((i + 1)) failed or timed out (see logs/row$((i + 1)).log)"; status=1; }
 done
-grep -h '^| ' "$out"/logs/row*.log
+for ((i = 1; i <= n; i++)); do grep -h '^| ' "$out/logs/row$i.log"; done
 exit $status
