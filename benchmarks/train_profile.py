@@ -6,7 +6,9 @@ the training's wall time and images/s, MNIST FID of N samples (the judge's featu
 against the 60,000 training images) with DDIM-50 (eta 1) and, with --ddpm, DDPM-1000, the
 share of samples the judge calls a digit with >= 90% confidence, and the smallest digit's
 share of those (1.0: every digit at its tenth); with --nll N, the variational bound of N test
-images in bits/dim. The real-vs-real floor at the same N is reported beside them. The run is
+images in bits/dim. The real-vs-real floor at the same N is reported beside them, and so is
+the confident share of N real test images: the most a sampler can be expected to reach with
+this judge (2-epoch training leaves it unsure of some real digits). The run is
 trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks' folder when RUNS_ROOT is
 theirs) and found there again.
 
@@ -29,7 +31,7 @@ from ddpm_core.checkpoint import Checkpoint, load_checkpoint
 from ddpm_core.classifier_runs import trained_judge
 from ddpm_core.config import RunSpec, SamplerConfig, replace
 from ddpm_core.denoisers import training_flops_per_image
-from ddpm_core.evaluation import Evaluator, test_set_bound
+from ddpm_core.evaluation import Evaluator, dataset_batches, test_set_bound
 from ddpm_core.generation import generate
 from ddpm_core.judge import judge, load_digit_classifier
 from ddpm_core.likelihood import bound_report
@@ -86,6 +88,12 @@ def score(checkpoint: Checkpoint, sampler: SamplerConfig, num: int, evaluator: E
             "sampling_seconds": round(seconds, 1)}
 
 
+def real_confident_fraction(judge_model, data_root, num: int) -> float:
+    """The judge's confident share on `num` held-out test images (the floor's draw): its ceiling."""
+    real = torch.cat(list(dataset_batches("mnist", data_root, train=False, num_images=num, seed=0)))
+    return round(judge(judge_model, real).confident_fraction, 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="laptop")
@@ -130,6 +138,7 @@ def main() -> None:
         "training_seconds": round(log[-1]["elapsed_s"], 1) if log else None,
         "images_per_s": round(spec.train.batch_size * spec.train.steps / log[-1]["elapsed_s"], 1) if log else None,
         "floor": round(evaluator.floor(args.samples)["fid"], 2), "samples": args.samples,
+        "real_confident_fraction": real_confident_fraction(judge_model, args.data_root, args.samples),
     }
     checkpoint = load_checkpoint(last)  # read once for every sampler row
     for key, (sampler, use_ema) in runs.items():
@@ -146,7 +155,8 @@ def main() -> None:
     ddpm = results.get("ddpm1000", {}).get("fid", "-")
     bits = f" {results['nll']['bits_per_dim']:.3f} bits/dim |" if args.nll else ""
     print(f"| {args.label} | {tflop:.0f} | {results['training_seconds'] or 0:.0f} s | {results['ddim50']['fid']} | "
-          f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |{bits}   ({path})")
+          f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |{bits}   ({path}; real test images: "
+          f"{results['real_confident_fraction']:.1%} confident, FID floor {results['floor']})")
 
 
 if __name__ == "__main__":
