@@ -34,7 +34,10 @@ EVAL_IMAGES = 1000  # noised test images behind a classifier's accuracy-by-t rep
 def classifier_path(folder: str | Path, config: ClassifierConfig, diffusion: DiffusionConfig) -> Path:
     """Where the noise-aware classifier trained with `config` for `diffusion` lives in a run
     folder: noisy_classifier-KEY.pt, KEY a hash of both, so other settings get another file."""
-    text = json.dumps([to_dict(config), to_dict(diffusion)], sort_keys=True)
+    fields = to_dict(config)
+    if fields["channel_mults"] is None:  # added later: left out at its default, so cached files keep their name
+        del fields["channel_mults"]
+    text = json.dumps([fields, to_dict(diffusion)], sort_keys=True)
     return Path(folder) / f"noisy_classifier-{hashlib.sha256(text.encode()).hexdigest()[:8]}.pt"
 
 
@@ -54,7 +57,7 @@ def train_classifier(model_config: ModelConfig, diffusion: DiffusionConfig, data
     from the global RNG before."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        classifier = NoisyClassifier(classifier_model_config(model_config))
+        classifier = NoisyClassifier(classifier_model_config(model_config, config.channel_mults))
     shape = dict(image_size=model_config.image_size, channels=model_config.in_channels)
     schedule = NoiseSchedule.from_config(diffusion)
     start = time.perf_counter()

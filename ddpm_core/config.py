@@ -242,11 +242,20 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
+    # The classifier's levels (channel multipliers of the model's base width); None: the
+    # diffusion model's. A thin denoiser can be paired with a classifier that keeps more
+    # width at its lowest resolution (`laptop`: README, the classifier rows).
+    channel_mults: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.channel_mults, list):  # from JSON or the command line
+            object.__setattr__(self, "channel_mults", tuple(self.channel_mults))
         check_types(self)
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError("steps, batch_size and lr must be positive and weight_decay non-negative")
+        if self.channel_mults is not None and (not self.channel_mults or min(self.channel_mults) < 1):
+            raise ValueError(f"channel_mults must be positive integers, one a level (or None: the model's), "
+                             f"got {self.channel_mults}")
 
 
 DDIM_STEPS = 50  # S when a DDIM sampler is asked for without a number of steps

@@ -1,6 +1,9 @@
 """Guidance: the noise-aware classifier, its gradient, the guided DDPM and DDIM steps against
 their closed forms, classifier-free guidance, label dropout, and the cached classifier."""
 
+import hashlib
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -9,8 +12,8 @@ from ddpm_core.classifier import (
     ClassifierConfig, NoisyClassifier, accuracy_by_timestep, load_noisy_classifier,
     save_noisy_classifier, train_noisy_classifier,
 )
-from ddpm_core.classifier_runs import train_classifier, trained_classifier
-from ddpm_core.config import ClassifierConfig, DiffusionConfig, SamplerConfig, replace
+from ddpm_core.classifier_runs import classifier_path, train_classifier, trained_classifier
+from ddpm_core.config import ClassifierConfig, DiffusionConfig, SamplerConfig, replace, to_dict
 from ddpm_core.generation import generate
 from ddpm_core.guidance import ClassifierFreeGuidance, classifier_grad, classifier_guidance
 from ddpm_core.runs import class_conditional, resolve_run
@@ -246,6 +249,28 @@ def weights_of_seed(spec, config, tmp_path) -> list[torch.Tensor]:
     train_classifier(spec.model, spec.diffusion, "mnist", replace(config, seed=config.seed + 1), tmp_path / "c.pt",
                      tmp_path / "data", eval_images=0)
     return list(load_noisy_classifier(tmp_path / "c.pt")[0].state_dict().values())
+
+
+def test_a_classifier_can_keep_levels_of_its_own(tmp_path):
+    """ClassifierConfig.channel_mults widens the classifier's levels and leaves the denoiser's
+    alone; left at None, a classifier's file keeps the name it had before the field existed."""
+    write_fake_mnist(tmp_path / "data", n=24)
+    spec = resolve_run("smoke")  # a UNet at (1, 2)
+    config = ClassifierConfig(steps=2, batch_size=8, channel_mults=[1, 4])
+    assert config.channel_mults == (1, 4)
+    train_classifier(spec.model, spec.diffusion, "mnist", config, tmp_path / "c.pt", tmp_path / "data", eval_images=0)
+    classifier, _ = load_noisy_classifier(tmp_path / "c.pt")
+    assert classifier.config.channel_mults == (1, 4) and spec.model.channel_mults == (1, 2)
+    assert classifier.config.base_channels == spec.model.base_channels
+    plain = ClassifierConfig()
+    text = json.dumps([{k: v for k, v in to_dict(plain).items() if k != "channel_mults"}, to_dict(spec.diffusion)],
+                      sort_keys=True)
+    assert classifier_path(tmp_path, plain, spec.diffusion).name == \
+        f"noisy_classifier-{hashlib.sha256(text.encode()).hexdigest()[:8]}.pt"
+    assert classifier_path(tmp_path, replace(plain, channel_mults=(1, 2)), spec.diffusion) != \
+        classifier_path(tmp_path, plain, spec.diffusion)
+    with pytest.raises(ValueError, match="channel_mults must be positive"):
+        ClassifierConfig(channel_mults=(1, 0))
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
