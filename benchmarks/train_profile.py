@@ -8,7 +8,7 @@ share of samples the judge calls a digit with >= 90% confidence, and the smalles
 share of those (1.0: every digit at its tenth); with --nll N, the variational bound of N test
 images in bits/dim. The real-vs-real floor at the same N is reported beside them, and so is
 the confident share of N real test images: the most a sampler can be expected to reach with
-this judge (2-epoch training leaves it unsure of some real digits). The run is
+this judge (one epoch of training leaves it unsure of some real digits). The run is
 trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks' folder when RUNS_ROOT is
 theirs) and found there again.
 
