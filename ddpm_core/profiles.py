@@ -60,9 +60,9 @@ PROFILES = {
                         loss_weighting="p2"),
             "MNIST on a 2-core CPU in about 25 minutes (README: how it was tuned)",
             # The down half of a UNet at 16-32-64 (0.18M; LAPTOP_MODEL's own 16-32-32 half, 0.08M,
-            # reached only 93.5% guided accuracy), t uniform: 4,000 steps of 64 in 250 s on 2026-12-04's
-            # CPU, 99.0-100% guided accuracy at s = 5-40 on the previous model (README: the classifier
-            # rows; 2,000 steps of 64 and 4,000 of 32 reached 93.5% and 95.5% at best).
+            # reached only 93.5% guided accuracy), t uniform: 4,000 steps of 64 in 250-273 s on
+            # 2026-12-04's CPU, 98.5-99.5% guided accuracy at s = 5-40 (README: the classifier rows;
+            # 2,000 steps of 64 and 4,000 of 32 reached 93.5% and 95.5% at best).
             ClassifierConfig(steps=4000, batch_size=64, lr=2e-3, channel_mults=(1, 2, 4)),
             judged_samples=100, fid_samples=100,
         ),
