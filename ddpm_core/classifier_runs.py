@@ -19,7 +19,7 @@ import torch
 from ddpm_core.classifier import (
     NoisyClassifier, accuracy_by_timestep, classifier_model_config, save_noisy_classifier, train_noisy_classifier,
 )
-from ddpm_core.config import ClassifierConfig, DatasetName, DiffusionConfig, ModelConfig, RunSpec, to_dict
+from ddpm_core.config import ClassifierConfig, DatasetName, DiffusionConfig, ModelConfig, RunSpec, key_fields, to_dict
 from ddpm_core.data import make_dataset
 from ddpm_core.judge import classifier_accuracy, save_digit_classifier, train_digit_classifier
 from ddpm_core.profiles import get_profile
@@ -34,10 +34,7 @@ EVAL_IMAGES = 1000  # noised test images behind a classifier's accuracy-by-t rep
 def classifier_path(folder: str | Path, config: ClassifierConfig, diffusion: DiffusionConfig) -> Path:
     """Where the noise-aware classifier trained with `config` for `diffusion` lives in a run
     folder: noisy_classifier-KEY.pt, KEY a hash of both, so other settings get another file."""
-    fields = to_dict(config)
-    if fields["channel_mults"] is None:  # added later: left out at its default, so cached files keep their name
-        del fields["channel_mults"]
-    text = json.dumps([fields, to_dict(diffusion)], sort_keys=True)
+    text = json.dumps([key_fields(config), to_dict(diffusion)], sort_keys=True)
     return Path(folder) / f"noisy_classifier-{hashlib.sha256(text.encode()).hexdigest()[:8]}.pt"
 
 

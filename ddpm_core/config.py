@@ -298,13 +298,15 @@ class SamplerConfig:
 # (on the CPU), so they stay out of a run's key.
 _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
                "compile", "fused_adam", "pin_memory")
-# Fields added after runs were cached: left out of the key at their default, so that those
-# runs keep their folder.
+# Fields added after runs (and classifiers) were cached: left out of the key at their default,
+# so that those files keep their names. ("channel_mults" is ClassifierConfig's, None when the
+# classifier takes the model's levels; ModelConfig's is never None, so it is always kept.)
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
-                    "norm_groups": 32, "prediction": "eps", "objective": "simple"}
+                    "norm_groups": 32, "prediction": "eps", "objective": "simple", "channel_mults": None}
 
 
-def _key_fields(config) -> dict:
+def key_fields(config) -> dict:
+    """The fields of `config` that go into a cache key (a run's folder, a classifier's file)."""
     return {k: v for k, v in to_dict(config).items()
             if k not in _NOT_IN_KEY and (k not in _KEY_ONLY_IF_SET or v != _KEY_ONLY_IF_SET[k])}
 
@@ -322,7 +324,7 @@ class RunSpec:
     @property
     def key(self) -> str:
         """12 hex digits of a hash of the resolved configs: equal settings, equal key."""
-        text = json.dumps([self.dataset, _key_fields(self.model), to_dict(self.diffusion), _key_fields(self.train)],
+        text = json.dumps([self.dataset, key_fields(self.model), to_dict(self.diffusion), key_fields(self.train)],
                           sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
