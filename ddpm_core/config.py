@@ -184,7 +184,12 @@ class TrainConfig:
     lr_decay: LrDecay = "constant"  # after warmup: constant (the paper) or cosine to 0 at `steps`
     grad_clip: float = 1.0  # gradient-norm clipping (authors' code)
     ema_decay: float = 0.9999
-    ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)): useful EMA early
+    # With ema_warmup, decay_k = min(ema_decay, (1 + k) / (ema_ramp + k)): useful EMA early. The
+    # ramp is a half-life of about ln 2 / (ema_ramp - 1) of the steps seen (7.7% at 10), and it
+    # reaches ema_decay only at k = (ema_ramp ema_decay - 1) / (1 - ema_decay): 17,990 for 0.9995,
+    # so in a shorter run the ramp, not ema_decay, is the average.
+    ema_warmup: bool = False
+    ema_ramp: float = 10.0
     seed: int = 0
     log_every: int = 100
     checkpoint_every: int = 5000  # also when the held-out loss is measured and best.pt kept
@@ -228,6 +233,9 @@ class TrainConfig:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not self.ema_ramp > 1.0:
+            raise ValueError(f"ema_ramp must be greater than 1 (decay_k = (1 + k) / (ema_ramp + k)), "
+                             f"got {self.ema_ramp}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise ValueError("lr and grad_clip must be positive and warmup_steps non-negative")
 
@@ -302,7 +310,8 @@ _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images",
 # so that those files keep their names. ("channel_mults" is ClassifierConfig's, None when the
 # classifier takes the model's levels; ModelConfig's is never None, so it is always kept.)
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
-                    "norm_groups": 32, "prediction": "eps", "objective": "simple", "channel_mults": None}
+                    "norm_groups": 32, "prediction": "eps", "objective": "simple", "channel_mults": None,
+                    "ema_ramp": 10.0}
 
 
 def key_fields(config) -> dict:

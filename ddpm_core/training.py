@@ -68,15 +68,17 @@ def lr_factor(config: TrainConfig, k: int) -> float:
 class EMA:
     """Exponential moving average of a model's weights: ema <- d * ema + (1 - d) * weights."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup: bool):
+    def __init__(self, model: nn.Module, decay: float, warmup: bool, ramp: float = 10.0):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.decay, self.warmup = decay, warmup
+        self.decay, self.warmup, self.ramp = decay, warmup, ramp
 
     def decay_at(self, step: int) -> float:
         """The decay for update number `step` (0-based); 0 at the first update, so the average
-        starts at the weights themselves rather than at the random initialisation."""
+        starts at the weights themselves rather than at the random initialisation. With
+        `warmup`, min(decay, (1 + step) / (ramp + step)): an average over the last ~1/(ramp - 1)
+        of the steps seen, until that is longer than `decay`'s."""
         if self.warmup:
-            return min(self.decay, (1 + step) / (10 + step))
+            return min(self.decay, (1 + step) / (self.ramp + step))
         return 0.0 if step == 0 else self.decay
 
     @torch.no_grad()
@@ -134,7 +136,7 @@ class Trainer:
         self.model = build_model(model_config).to(self.device)
         if train_config.channels_last and cuda:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.ema = EMA(self.model, train_config.ema_decay, train_config.ema_warmup)
+        self.ema = EMA(self.model, train_config.ema_decay, train_config.ema_warmup, train_config.ema_ramp)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=train_config.lr, weight_decay=0.0,
                                            fused=True if train_config.fused_adam and cuda else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda k: lr_factor(train_config, k))

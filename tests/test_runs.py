@@ -35,6 +35,10 @@ def test_the_key_follows_what_changes_the_weights():
     assert spec.key != resolve_run("smoke", schedule="cosine").key
     assert spec.key == resolve_run("smoke", log_every=1, checkpoint_every=3, snapshot_every=2).key  # watching only
     assert run_dir(spec, "some/root").parent.as_posix() == "some/root"
+    # a field added after runs were cached names them only away from its default
+    laptop = resolve_run("laptop")
+    assert run_dir(laptop, "runs").name == "laptop-mnist-bbddf147250a"
+    assert replace_spec(laptop, train=replace(laptop.train, ema_ramp=5.0)).key != laptop.key
 
 
 @pytest.mark.parametrize("kwargs, message", [

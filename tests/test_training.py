@@ -108,6 +108,14 @@ def test_ema_decay_and_update():
     assert ema.decay_at(0) == 0.0 and ema.decay_at(5) == 0.9
     assert EMA(model, 0.999, warmup=True).decay_at(0) == pytest.approx(0.1)
     assert EMA(model, 0.999, warmup=True).decay_at(10**6) == 0.999
+    # the ramp (1 + k) / (ramp + k) meets the cap at k = (ramp cap - 1) / (1 - cap): 17,990 for
+    # 0.9995 at ramp 10, longer than the laptop profile's 7,168 steps; 3,997 at ramp 3
+    for ramp, cap, crossing in ((10.0, 0.9995, 17_990), (3.0, 0.9995, 3_997), (5.0, 0.99, 395)):
+        ramped = EMA(model, cap, warmup=True, ramp=ramp)
+        assert ramped.decay_at(crossing - 1) < cap and ramped.decay_at(crossing + 1) == cap
+        assert ramped.decay_at(7) == pytest.approx(8 / (ramp + 7))
+    with pytest.raises(ValueError, match="ema_ramp must be greater than 1"):
+        TrainConfig(ema_warmup=True, ema_ramp=1.0)
     before = {k: v.clone() for k, v in ema.model.state_dict().items()}
     with torch.no_grad():
         model.weight.add_(1.0)
