@@ -72,10 +72,10 @@ def spec_for(profile: str, settings: list[str], scale: float) -> RunSpec:
 
 
 def score(checkpoint: Checkpoint, sampler: SamplerConfig, num: int, evaluator: Evaluator, judge_model, device,
-          use_ema: bool, grid: Path | None) -> dict:
+          use_ema: bool, grid: Path | None, seed: int = 0) -> dict:
     start = time.perf_counter()
     samples = torch.cat(list(generate(checkpoint, num, sampler,
-                                      seed=0, device=device, use_ema=use_ema, progress=True)))
+                                      seed=seed, device=device, use_ema=use_ema, progress=True)))
     seconds = time.perf_counter() - start
     scores = evaluator.score(samples.split(250), seed=0)
     verdict = judge(judge_model, samples)
@@ -101,6 +101,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the profile's steps and warmup")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--sampling-seed", type=int, default=0,
+                        help="the samplers' noise: another seed scores the same weights on another draw")
     parser.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (20x DDIM-50's sampling time)")
     parser.add_argument("--raw", action="store_true", help="also the raw (not EMA) weights, with DDIM-50")
     parser.add_argument("--nll", type=int, default=0, metavar="N",
@@ -133,7 +135,7 @@ def main() -> None:
         runs["ddim50_raw"] = ("ddim50", False)
     results = {
         "label": args.label, "profile": spec.profile, "run": str(run_dir(spec, args.runs_root)), "scale": args.scale,
-        "settings": args.set, "steps": spec.train.steps, "batch_size": spec.train.batch_size,
+        "settings": args.set, "sampling_seed": args.sampling_seed, "steps": spec.train.steps, "batch_size": spec.train.batch_size,
         "gflop_per_image": round(flops / 1e9, 4), "training_tflop": round(tflop, 1), "threads": threads,
         "training_seconds": round(log[-1]["elapsed_s"], 1) if log else None,
         "images_per_s": round(spec.train.batch_size * spec.train.steps / log[-1]["elapsed_s"], 1) if log else None,
@@ -143,7 +145,7 @@ def main() -> None:
     checkpoint = load_checkpoint(last)  # read once for every sampler row
     for key, (sampler, use_ema) in runs.items():
         results[key] = score(checkpoint, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
-                             grids / f"{name}_{key}.png")
+                             grids / f"{name}_{key}.png", seed=args.sampling_seed)
         print(key, results[key])
     if args.nll:
         start = time.perf_counter()

@@ -73,3 +73,24 @@ def test_sampling_speed_is_timed_over_whole_sampling_runs(bench):
     assert "projected" not in speed  # DDPM was measured, so nothing is projected
     sampled = [t for t in model.calls if t != bench.FORWARD_T]
     assert len(sampled) == 2 * (3 + 25)  # DDIM and DDPM each: one untimed run, then the timed one
+
+
+def test_the_ema_sweep_carries_the_trainers_own_average_bit_for_bit(tmp_path, monkeypatch):
+    from fake_data import write_fake_mnist
+
+    from ddpm_core.checkpoint import load_checkpoint
+    from ddpm_core.runs import resolve_run, run_dir, trained_checkpoint
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sweep = importlib.import_module("ema_sweep")
+    write_fake_mnist(tmp_path / "data", n=48)
+    spec = resolve_run("smoke", steps=6, sample_every=0, snapshot_every=0)
+    folder = run_dir(spec, tmp_path / "runs")
+    specs = sweep.track_specs([10.0, 3.0], [0.9], spec.train.ema_decay)
+    last = trained_checkpoint(spec, tmp_path / "data", root=tmp_path / "runs",
+                              extra_hooks=[sweep.EMATracks(specs, folder, spec)])
+    tracks, own = torch.load(folder / sweep.TRACKS_FILE, weights_only=True), load_checkpoint(last).ema_state
+    assert specs["ramp 10"] == (spec.train.ema_decay, spec.train.ema_warmup, spec.train.ema_ramp)
+    assert all(torch.equal(tracks["ramp 10"][k], v) for k, v in own.items())  # from the same initial weights
+    for other in ("ramp 3", "fixed 0.9"):
+        assert not all(torch.equal(tracks[other][k], v) for k, v in own.items())
