@@ -51,10 +51,12 @@ PROFILES = {
         Profile(
             "laptop", "mnist", LAPTOP_MODEL, DiffusionConfig("linear", 1000),
             # 7,168 x 64 images x 0.281 GFLOP = 128.9 TFLOP of training, under the cap of issue 19 (the
-            # 1.06M profile's 1,800 x 64 x 1.12). P2 weighting won a quarter-length screen; batch 64,
-            # lr 2e-3 and EMA 0.9995 won full-length screens at this compute on a GPU; the 7x7 level at
-            # 32 channels instead of 64 (7,168 steps instead of 4,790 of 16-32-64) won on the CPU,
-            # 8.22 / 7.78 against 9.25 / 11.15, in the same 24 minutes (README: the tables).
+            # 1.06M profile's 1,800 x 64 x 1.12). P2 weighting won a quarter-length screen; batch 64
+            # and lr 2e-3 won full-length screens at this compute on a GPU; the 7x7 level at 32
+            # channels instead of 64 (7,168 steps instead of 4,790 of 16-32-64) won on the CPU,
+            # 8.22 / 7.78 against 9.25 / 11.15, in the same 24 minutes (README: the tables). The EMA
+            # is its ramp, (1 + k) / (10 + k): the 0.9995 cap is reached only at step 17,990, and
+            # ramps 3 to 20 scored level (benchmarks/ema_sweep.py).
             TrainConfig(steps=7168, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=360, ema_decay=0.9995,
                         ema_warmup=True, log_every=50, checkpoint_every=1200, sample_every=2400, snapshot_every=1200,
                         loss_weighting="p2"),
