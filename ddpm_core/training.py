@@ -73,10 +73,11 @@ class EMA:
         self.decay, self.warmup, self.ramp = decay, warmup, ramp
 
     def decay_at(self, step: int) -> float:
-        """The decay for update number `step` (0-based); 0 at the first update, so the average
-        starts at the weights themselves rather than at the random initialisation. With
-        `warmup`, min(decay, (1 + step) / (ramp + step)): an average over the last ~1/(ramp - 1)
-        of the steps seen, until that is longer than `decay`'s."""
+        """The decay for update number `step` (0-based). Without `warmup`, 0 at the first update,
+        so the average starts at the weights themselves rather than at the random initialisation,
+        then `decay`. With it, min(decay, (1 + step) / (ramp + step)): 1 / ramp at the first
+        update, then an average over about the last 1/(ramp - 1) of the steps seen, until that
+        is longer than `decay`'s."""
         if self.warmup:
             return min(self.decay, (1 + step) / (self.ramp + step))
         return 0.0 if step == 0 else self.decay
