@@ -135,7 +135,8 @@ def main() -> None:
         runs["ddim50_raw"] = ("ddim50", False)
     results = {
         "label": args.label, "profile": spec.profile, "run": str(run_dir(spec, args.runs_root)), "scale": args.scale,
-        "settings": args.set, "sampling_seed": args.sampling_seed, "steps": spec.train.steps, "batch_size": spec.train.batch_size,
+        "settings": args.set, "sampling_seed": args.sampling_seed, "steps": spec.train.steps,
+        "batch_size": spec.train.batch_size,
         "gflop_per_image": round(flops / 1e9, 4), "training_tflop": round(tflop, 1), "threads": threads,
         "training_seconds": round(log[-1]["elapsed_s"], 1) if log else None,
         "images_per_s": round(spec.train.batch_size * spec.train.steps / log[-1]["elapsed_s"], 1) if log else None,
