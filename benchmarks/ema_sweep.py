@@ -29,15 +29,12 @@ import torch
 
 from common import RESULTS, write_results
 from ddpm_core.checkpoint import load_checkpoint
-from ddpm_core.classifier_runs import trained_judge
-from ddpm_core.evaluation import Evaluator
+from ddpm_core.denoisers import build_model
 from ddpm_core.files import atomic_path
-from ddpm_core.judge import load_digit_classifier
 from ddpm_core.runs import run_dir, runs_root, trained_checkpoint
 from ddpm_core.runtime import configure_threads, resolve_device
 from ddpm_core.training import EMA
-from ddpm_core.denoisers import build_model
-from train_profile import SAMPLERS, score, spec_for
+from train_profile import SAMPLERS, add_common_arguments, judge_and_evaluator, score, spec_for
 
 TRACKS_FILE = "ema_tracks.pt"
 
@@ -79,18 +76,12 @@ def track_specs(ramps: list[float], fixed: list[float], cap: float) -> dict[str,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="laptop")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    add_common_arguments(parser)
     parser.add_argument("--ramps", type=float, nargs="*", default=[3, 5, 10, 20, 40])
     parser.add_argument("--fixed", type=float, nargs="*", default=[0.999, 0.9995])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sampling seeds, one FID each")
-    parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--ddpm", action="append", default=[], metavar="NAME",
-                        help="also DDPM-1000 for this average (sampling seed 0; about 25 min on 2 cores)")
-    parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
-    parser.add_argument("--runs-root", default=None, help="where runs are cached (default: $DDPM_RUNS_ROOT, else ./runs)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="auto")
+                        help="also DDPM-1000 for this average (sampling seed 0; about 15 min on 2 cores)")
     args = parser.parse_args()
 
     threads = configure_threads(args.threads)
@@ -116,10 +107,7 @@ def main() -> None:
         if track_spec == own and not all(torch.equal(saved[name][k], v) for k, v in checkpoint.ema_state.items()):
             raise SystemExit(f"the tracker {name!r} has the trainer's settings but not its weights: a bug")
 
-    judge_file = trained_judge(args.data_root, root=args.runs_root, device=device, progress=True)
-    judge_model = load_digit_classifier(judge_file).to(device)
-    evaluator = Evaluator("mnist", "mnist", runs_root(args.runs_root) / "fid_stats", args.data_root, device,
-                          judge=judge_file)
+    judge_model, evaluator = judge_and_evaluator(args, device)
     results = {"profile": spec.profile, "settings": args.set, "run": str(out), "threads": threads,
                "samples": args.samples, "seeds": args.seeds,
                "floor": round(evaluator.floor(args.samples)["fid"], 2), "rows": {}}
@@ -128,13 +116,14 @@ def main() -> None:
     grids = RESULTS / "ema_sweep"
     print(f"| average | DDIM-50 FID (seeds {', '.join(map(str, args.seeds))}) | mean | confident | smallest digit |")
     for name, (source, use_ema) in variants.items():
+        stem = grids / name.replace(" ", "_")
         rows = [score(source, SAMPLERS["ddim50"], args.samples, evaluator, judge_model, device, use_ema,
-                      grids / f"{name.replace(' ', '_')}_seed{seed}.png" if seed == args.seeds[0] else None, seed=seed)
+                      Path(f"{stem}_seed{seed}.png") if seed == args.seeds[0] else None, seed=seed)
                 for seed in args.seeds]
         row = {"ddim50": rows, "ddim50_mean_fid": round(statistics.fmean(r["fid"] for r in rows), 2)}
         if name in args.ddpm:
             row["ddpm1000"] = score(source, SAMPLERS["ddpm1000"], args.samples, evaluator, judge_model, device,
-                                    use_ema, grids / f"{name.replace(' ', '_')}_ddpm1000.png")
+                                    use_ema, Path(f"{stem}_ddpm1000.png"))
         results["rows"][name] = row
         print(f"| {name} | {' / '.join(str(r['fid']) for r in rows)} | {row['ddim50_mean_fid']} | "
               f"{' / '.join(format(r['confident_fraction'], '.1%') for r in rows)} | "

@@ -88,6 +88,25 @@ def score(checkpoint: Checkpoint, sampler: SamplerConfig, num: int, evaluator: E
             "sampling_seconds": round(seconds, 1)}
 
 
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options this script shares with the others that train and score a profile (ema_sweep.py)."""
+    parser.add_argument("--profile", default="laptop")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
+    parser.add_argument("--runs-root", default=None, help="where runs are cached (default: $DDPM_RUNS_ROOT, else ./runs)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default="auto")
+
+
+def judge_and_evaluator(args: argparse.Namespace, device) -> tuple[torch.nn.Module, Evaluator]:
+    """The judge (trained now if missing) and an MNIST FID evaluator with its features."""
+    judge_file = trained_judge(args.data_root, root=args.runs_root, device=device, progress=True)
+    evaluator = Evaluator("mnist", "mnist", runs_root(args.runs_root) / "fid_stats", args.data_root, device,
+                          judge=judge_file)
+    return load_digit_classifier(judge_file).to(device), evaluator
+
+
 def real_confident_fraction(judge_model, data_root, num: int) -> float:
     """The judge's confident share on `num` held-out test images (the floor's draw): its ceiling."""
     real = torch.cat(list(dataset_batches("mnist", data_root, train=False, num_images=num, seed=0)))
@@ -96,21 +115,15 @@ def real_confident_fraction(judge_model, data_root, num: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="laptop")
+    add_common_arguments(parser)
     parser.add_argument("--label", required=True, help="the change, as the table's first column names it")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the profile's steps and warmup")
-    parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--sampling-seed", type=int, default=0,
                         help="the samplers' noise: another seed scores the same weights on another draw")
     parser.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (20x DDIM-50's sampling time)")
     parser.add_argument("--raw", action="store_true", help="also the raw (not EMA) weights, with DDIM-50")
     parser.add_argument("--nll", type=int, default=0, metavar="N",
                         help="also the variational bound in bits/dim of N test images (EMA weights, sigma^2 = beta_t)")
-    parser.add_argument("--data-root", default=None, help="where MNIST is (default: $DDPM_DATA_ROOT, else ./data)")
-    parser.add_argument("--runs-root", default=None, help="where runs are cached (default: $DDPM_RUNS_ROOT, else ./runs)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
     threads = configure_threads(args.threads)
@@ -122,10 +135,7 @@ def main() -> None:
           f"{flops / 1e9:.3f} GFLOP per image, {tflop:.1f} TFLOP of training, on {threads} thread(s)")
     last = trained_checkpoint(spec, args.data_root, device, root=args.runs_root, progress=True)
     log = [line for line in read_log(last.parent / "log.jsonl") if "elapsed_s" in line]
-    judge_file = trained_judge(args.data_root, root=args.runs_root, device=device, progress=True)
-    judge_model = load_digit_classifier(judge_file).to(device)
-    evaluator = Evaluator("mnist", "mnist", runs_root(args.runs_root) / "fid_stats", args.data_root, device,
-                          judge=judge_file)
+    judge_model, evaluator = judge_and_evaluator(args, device)
     name = "".join(c if c.isalnum() else "_" for c in args.label).strip("_").lower()
     grids = RESULTS / "train_profile"
     runs = {"ddim50": ("ddim50", True)}
