@@ -64,11 +64,14 @@ class NoisyClassifier(nn.Module):
         return self.head(h.mean(dim=(2, 3)))  # (B, num_classes)
 
 
-def classifier_model_config(model_config: ModelConfig, channel_mults: tuple[int, ...] | None = None) -> ModelConfig:
+def classifier_model_config(model_config: ModelConfig, channel_mults: tuple[int, ...] | None = None,
+                            base_channels: int | None = None) -> ModelConfig:
     """The classifier's shape: the diffusion model's, unconditional, without dropout, with
-    `channel_mults` for its levels when given (`ClassifierConfig.channel_mults`)."""
-    levels = {} if channel_mults is None else {"channel_mults": channel_mults}
-    return replace(model_config, dropout=0.0, num_classes=None, kind="unet", **levels)
+    `channel_mults` for its levels and `base_channels` for its width when given
+    (`ClassifierConfig`'s fields of those names)."""
+    own = {name: value for name, value in (("channel_mults", channel_mults), ("base_channels", base_channels))
+           if value is not None}
+    return replace(model_config, dropout=0.0, num_classes=None, kind="unet", **own)
 
 
 def train_noisy_classifier(classifier: NoisyClassifier, schedule: NoiseSchedule, dataset: Dataset,

@@ -250,10 +250,11 @@ class ClassifierConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     seed: int = 0
-    # The classifier's levels (channel multipliers of the model's base width); None: the
-    # diffusion model's. A thin denoiser can be paired with a classifier that keeps more
-    # width at its lowest resolution (`laptop`: README, the classifier rows).
+    # The classifier's levels (channel multipliers of its base width) and that base width;
+    # None: the diffusion model's. A thin denoiser can be paired with a classifier that keeps
+    # more width (`laptop`: README, the classifier rows).
     channel_mults: tuple[int, ...] | None = None
+    base_channels: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.channel_mults, list):  # from JSON or the command line
@@ -264,6 +265,8 @@ class ClassifierConfig:
         if self.channel_mults is not None and (not self.channel_mults or min(self.channel_mults) < 1):
             raise ValueError(f"channel_mults must be positive integers, one a level (or None: the model's), "
                              f"got {self.channel_mults}")
+        if self.base_channels is not None and self.base_channels < 1:
+            raise ValueError(f"base_channels must be a positive integer (or None: the model's), got {self.base_channels}")
 
 
 DDIM_STEPS = 50  # S when a DDIM sampler is asked for without a number of steps
@@ -307,11 +310,12 @@ class SamplerConfig:
 _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images", "snapshot_every", "num_workers",
                "compile", "fused_adam", "pin_memory")
 # Fields added after runs (and classifiers) were cached: left out of the key at their default,
-# so that those files keep their names. ("channel_mults" is ClassifierConfig's, None when the
-# classifier takes the model's levels; ModelConfig's is never None, so it is always kept.)
+# so that those files keep their names. ("channel_mults" and "base_channels" at None are
+# ClassifierConfig's, when the classifier takes the model's; ModelConfig's are never None, so
+# they are always kept.)
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
                     "norm_groups": 32, "prediction": "eps", "objective": "simple", "channel_mults": None,
-                    "ema_ramp": 10.0}
+                    "base_channels": None, "ema_ramp": 10.0}
 
 
 def key_fields(config) -> dict:

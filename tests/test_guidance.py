@@ -248,24 +248,33 @@ def weights_of_seed(spec, config, tmp_path) -> list[torch.Tensor]:
     return list(load_noisy_classifier(tmp_path / "c.pt")[0].state_dict().values())
 
 
-def test_a_classifier_can_keep_levels_of_its_own(tmp_path):
-    """ClassifierConfig.channel_mults widens the classifier's levels and leaves the denoiser's
-    alone; left at None, a classifier's file keeps the name it had before the field existed."""
+def test_a_classifier_can_keep_levels_and_a_width_of_its_own(tmp_path):
+    """ClassifierConfig.channel_mults and .base_channels shape the classifier and leave the
+    denoiser alone; left at None, a classifier's file keeps the name it had before the fields
+    existed."""
     write_fake_mnist(tmp_path / "data", n=24)
-    spec = resolve_run("smoke")  # a UNet at (1, 2)
+    spec = resolve_run("smoke")  # a UNet at (1, 2), 32 channels
     config = ClassifierConfig(steps=2, batch_size=8, channel_mults=[1, 4])
     assert config.channel_mults == (1, 4)
     train_classifier(spec.model, spec.diffusion, "mnist", config, tmp_path / "c.pt", tmp_path / "data", eval_images=0)
     classifier, _ = load_noisy_classifier(tmp_path / "c.pt")
     assert classifier.config.channel_mults == (1, 4) and spec.model.channel_mults == (1, 2)
     assert classifier.config.base_channels == spec.model.base_channels
+    narrow = replace(config, base_channels=16)
+    train_classifier(spec.model, spec.diffusion, "mnist", narrow, tmp_path / "n.pt", tmp_path / "data", eval_images=0)
+    classifier, _ = load_noisy_classifier(tmp_path / "n.pt")
+    assert classifier.config.base_channels == 16 and classifier.config.channel_mults == (1, 4)
+    assert classifier.conv_in.out_channels == 16 and spec.model.base_channels == 32
     # the name the previous laptop classifier was cached under before the field existed
     plain, diffusion = ClassifierConfig(steps=4000, batch_size=64, lr=2e-3), DiffusionConfig("linear", 1000)
     assert classifier_path(tmp_path, plain, diffusion).name == "noisy_classifier-953bcaf1.pt"
-    assert classifier_path(tmp_path, replace(plain, channel_mults=(1, 2, 4)), diffusion).name != \
-        "noisy_classifier-953bcaf1.pt"
+    names = {classifier_path(tmp_path, changed, diffusion).name
+             for changed in (plain, replace(plain, channel_mults=(1, 2, 4)), replace(plain, base_channels=16))}
+    assert len(names) == 3
     with pytest.raises(ValueError, match="channel_mults must be positive"):
         ClassifierConfig(channel_mults=(1, 0))
+    with pytest.raises(ValueError, match="base_channels must be a positive integer"):
+        ClassifierConfig(base_channels=0)
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
