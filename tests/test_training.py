@@ -109,7 +109,7 @@ def test_ema_decay_and_update():
     assert EMA(model, 0.999, warmup=True).decay_at(0) == pytest.approx(0.1)
     assert EMA(model, 0.999, warmup=True).decay_at(10**6) == 0.999
     # the ramp (1 + k) / (ramp + k) meets the cap at k = (ramp * cap - 1) / (1 - cap): 17,990 for
-    # 0.9995 at ramp 10, longer than the laptop profile's 7,168 steps; 3,997 at ramp 3
+    # 0.9995 at ramp 10, longer than the laptop profile's 8,496 steps; 3,997 at ramp 3
     for ramp, cap, crossing in ((10.0, 0.9995, 17_990), (3.0, 0.9995, 3_997), (5.0, 0.99, 395)):
         ramped = EMA(model, cap, warmup=True, ramp=ramp)
         assert ramped.decay_at(crossing - 1) < cap and ramped.decay_at(crossing + 1) == cap
