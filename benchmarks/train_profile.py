@@ -3,17 +3,18 @@
 One row of the README's tuning table: the change, its training compute (TFLOP, forward and
 backward, counted with `torch.utils.flop_counter` as `denoisers.training_flops_per_image`),
 the training's wall time and images/s, MNIST FID of N samples (the judge's features,
-against the 60,000 training images) with DDIM-50 (eta 1) and, with --ddpm, DDPM-1000, the
-share of samples the judge calls a digit with >= 90% confidence, and the smallest digit's
-share of those (1.0: every digit at its tenth); with --nll N, the variational bound of N test
-images in bits/dim. The real-vs-real floor at the same N is reported beside them, and so is
+against the 60,000 training images) with DDIM-50 (eta 1, or --eta and --spacing) and, with
+--ddpm, DDPM-1000, the share of samples the judge calls a digit with >= 90% confidence, and
+the smallest digit's share of those (1.0: every digit at its tenth); with --nll N, the
+variational bound of N test images in bits/dim. The real-vs-real floor at the same N is reported beside them, and so is
 the confident share of N real test images: the most a sampler can be expected to reach with
 this judge (one epoch of training leaves it unsure of some real digits). The run is
 trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks' folder when RUNS_ROOT is
 theirs) and found there again.
 
 Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set model.norm_groups=8
-      [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw] [--nll 32]`
+      [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw] [--nll 32]
+      [--sampling-seed 1] [--eta 0 --spacing quadratic]`
 (--scale 0.25 trains a quarter of the steps and warmup: the cheap screen before a full run;
 `--set model.prediction=x0 --set train.objective=vlb` are Table 2's rows, notebook 06).
 """
@@ -120,6 +121,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the profile's steps and warmup")
     parser.add_argument("--sampling-seed", type=int, default=0,
                         help="the samplers' noise: another seed scores the same weights on another draw")
+    parser.add_argument("--eta", type=float, default=1.0, help="the DDIM-50 rows' eta (the table's: 1)")
+    parser.add_argument("--spacing", default="uniform", choices=("uniform", "quadratic"),
+                        help="the DDIM-50 rows' timesteps (the table's: uniform)")
     parser.add_argument("--ddpm", action="store_true", help="also DDPM-1000 (20x DDIM-50's sampling time)")
     parser.add_argument("--raw", action="store_true", help="also the raw (not EMA) weights, with DDIM-50")
     parser.add_argument("--nll", type=int, default=0, metavar="N",
@@ -145,7 +149,8 @@ def main() -> None:
         runs["ddim50_raw"] = ("ddim50", False)
     results = {
         "label": args.label, "profile": spec.profile, "run": str(run_dir(spec, args.runs_root)), "scale": args.scale,
-        "settings": args.set, "sampling_seed": args.sampling_seed, "steps": spec.train.steps,
+        "settings": args.set, "sampling_seed": args.sampling_seed, "ddim_eta": args.eta, "ddim_spacing": args.spacing,
+        "steps": spec.train.steps,
         "batch_size": spec.train.batch_size,
         "gflop_per_image": round(flops / 1e9, 4), "training_tflop": round(tflop, 1), "threads": threads,
         "training_seconds": round(log[-1]["elapsed_s"], 1) if log else None,
@@ -153,9 +158,10 @@ def main() -> None:
         "floor": round(evaluator.floor(args.samples)["fid"], 2), "samples": args.samples,
         "real_confident_fraction": real_confident_fraction(judge_model, args.data_root, args.samples),
     }
+    samplers = {**SAMPLERS, "ddim50": replace(SAMPLERS["ddim50"], eta=args.eta, spacing=args.spacing)}
     checkpoint = load_checkpoint(last)  # read once for every sampler row
     for key, (sampler, use_ema) in runs.items():
-        results[key] = score(checkpoint, SAMPLERS[sampler], args.samples, evaluator, judge_model, device, use_ema,
+        results[key] = score(checkpoint, samplers[sampler], args.samples, evaluator, judge_model, device, use_ema,
                              grids / f"{name}_{key}.png", seed=args.sampling_seed)
         print(key, results[key])
     if args.nll:

@@ -94,3 +94,38 @@ def test_the_ema_sweep_carries_the_trainers_own_average_bit_for_bit(tmp_path, mo
     assert all(torch.equal(tracks["ramp 10"][k], v) for k, v in own.items())  # from the same initial weights
     for other in ("ramp 3", "fixed 0.9"):
         assert not all(torch.equal(tracks[other][k], v) for k, v in own.items())
+
+
+def test_train_profile_scores_the_ddim_rows_with_the_eta_and_spacing_asked(tmp_path, monkeypatch):
+    """One tuning-table row end to end on smoke (fake MNIST): trained, judged, scored and written,
+    the DDIM-50 rows with --eta and --spacing, the DDPM row with the paper's sampler."""
+    from fake_data import write_fake_mnist
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    profile = importlib.import_module("train_profile")
+    write_fake_mnist(tmp_path / "data", n=48)
+    monkeypatch.setattr(profile, "RESULTS", tmp_path / "results")
+    used = []
+    real_score = profile.score
+
+    def recording_score(checkpoint, sampler, *args, **kwargs):
+        used.append(sampler)
+        return real_score(checkpoint, sampler, *args, **kwargs)
+
+    monkeypatch.setattr(profile, "score", recording_score)
+    monkeypatch.setattr("sys.argv", [
+        "train_profile.py", "--label", "smoke row", "--profile", "smoke", "--samples", "8", "--threads", "1",
+        "--data-root", str(tmp_path / "data"), "--runs-root", str(tmp_path / "runs"), "--device", "cpu",
+        "--set", "train.sample_every=0", "--set", "train.snapshot_every=0",
+        "--eta", "0", "--spacing", "quadratic", "--raw", "--ddpm", "--sampling-seed", "2"])
+    profile.main()
+    result = json.loads((tmp_path / "results" / "train_profile" / "smoke_row.json").read_text())
+    assert (result["ddim_eta"], result["ddim_spacing"], result["sampling_seed"]) == (0.0, "quadratic", 2)
+    assert [(s.sampler, s.num_steps, s.eta, s.spacing) for s in used] == [
+        ("ddim", 50, 0.0, "quadratic"), ("ddpm", None, 0.0, "uniform"), ("ddim", 50, 0.0, "quadratic")]
+    assert used[1].variance == "fixedlarge"
+    for key in ("ddim50", "ddpm1000", "ddim50_raw"):
+        row = result[key]
+        assert math.isfinite(row["fid"]) and sum(row["class_counts"]) <= 8 and 0 <= row["confident_fraction"] <= 1
+        assert (tmp_path / "results" / "train_profile" / f"smoke_row_{key}.png").is_file()
+    assert result["steps"] == 20 and result["gflop_per_image"] > 0 and result["training_seconds"] > 0
