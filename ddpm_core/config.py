@@ -266,7 +266,8 @@ class ClassifierConfig:
             raise ValueError(f"channel_mults must be positive integers, one a level (or None: the model's), "
                              f"got {self.channel_mults}")
         if self.base_channels is not None and self.base_channels < 1:
-            raise ValueError(f"base_channels must be a positive integer (or None: the model's), got {self.base_channels}")
+            raise ValueError(f"base_channels must be a positive integer (or None: the model's), "
+                             f"got {self.base_channels}")
 
 
 DDIM_STEPS = 50  # S when a DDIM sampler is asked for without a number of steps
