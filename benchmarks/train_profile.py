@@ -14,7 +14,9 @@ theirs) and found there again.
 
 Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set model.norm_groups=8
       [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw] [--nll 32]
-      [--sampling-seed 1] [--eta 0 --spacing quadratic]`
+      [--sampling-seeds 0 1 2] [--eta 0 --spacing quadratic]`
+(several sampling seeds score the same weights on several noise draws: the row holds their
+means, and each draw is kept in the results.)
 (--scale 0.25 trains a quarter of the steps and warmup: the cheap screen before a full run;
 `--set model.prediction=x0 --set train.objective=vlb` are Table 2's rows, notebook 06).
 """
@@ -89,6 +91,19 @@ def score(checkpoint: Checkpoint, sampler: SamplerConfig, num: int, evaluator: E
             "sampling_seconds": round(seconds, 1)}
 
 
+def over_draws(draws: list[dict]) -> dict:
+    """One row from the scores of several sampling draws (`score`'s dicts): the mean FID, IS and
+    confident share, the smallest digit's share on any draw, the total sampling time, and the
+    draws themselves. With one draw, its own numbers."""
+    def mean(field: str) -> float:
+        return sum(d[field] for d in draws) / len(draws)
+
+    return {"fid": round(mean("fid"), 2), "inception_score": round(mean("inception_score"), 2),
+            "confident_fraction": mean("confident_fraction"),
+            "smallest_class_share": min(d["smallest_class_share"] for d in draws),
+            "sampling_seconds": round(sum(d["sampling_seconds"] for d in draws), 1), "draws": draws}
+
+
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     """The options this script shares with the others that train and score a profile (ema_sweep.py)."""
     parser.add_argument("--profile", default="laptop")
@@ -119,8 +134,9 @@ def main() -> None:
     add_common_arguments(parser)
     parser.add_argument("--label", required=True, help="the change, as the table's first column names it")
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the profile's steps and warmup")
-    parser.add_argument("--sampling-seed", type=int, default=0,
-                        help="the samplers' noise: another seed scores the same weights on another draw")
+    parser.add_argument("--sampling-seeds", "--sampling-seed", dest="sampling_seeds", type=int, nargs="+",
+                        default=[0], metavar="SEED",
+                        help="the samplers' noise: each seed scores the same weights on another draw (the row: means)")
     parser.add_argument("--eta", type=float, default=1.0, help="the DDIM-50 rows' eta (the table's: 1)")
     parser.add_argument("--spacing", default="uniform", choices=("uniform", "quadratic"),
                         help="the DDIM-50 rows' timesteps (the table's: uniform)")
@@ -149,7 +165,7 @@ def main() -> None:
         runs["ddim50_raw"] = ("ddim50", False)
     results = {
         "label": args.label, "profile": spec.profile, "run": str(run_dir(spec, args.runs_root)), "scale": args.scale,
-        "settings": args.set, "sampling_seed": args.sampling_seed, "ddim_eta": args.eta, "ddim_spacing": args.spacing,
+        "settings": args.set, "sampling_seeds": args.sampling_seeds, "ddim_eta": args.eta, "ddim_spacing": args.spacing,
         "steps": spec.train.steps,
         "batch_size": spec.train.batch_size,
         "gflop_per_image": round(flops / 1e9, 4), "training_tflop": round(tflop, 1), "threads": threads,
@@ -161,9 +177,12 @@ def main() -> None:
     samplers = {**SAMPLERS, "ddim50": replace(SAMPLERS["ddim50"], eta=args.eta, spacing=args.spacing)}
     checkpoint = load_checkpoint(last)  # read once for every sampler row
     for key, (sampler, use_ema) in runs.items():
-        results[key] = score(checkpoint, samplers[sampler], args.samples, evaluator, judge_model, device, use_ema,
-                             grids / f"{name}_{key}.png", seed=args.sampling_seed)
-        print(key, results[key])
+        draws = [{"sampling_seed": seed,
+                  **score(checkpoint, samplers[sampler], args.samples, evaluator, judge_model, device, use_ema,
+                          grids / f"{name}_{key}.png" if i == 0 else None, seed=seed)}
+                 for i, seed in enumerate(args.sampling_seeds)]
+        results[key] = over_draws(draws)
+        print(key, draws if len(draws) > 1 else draws[0])
     if args.nll:
         start = time.perf_counter()
         bound = test_set_bound(checkpoint.build_model().to(device), NoiseSchedule.from_config(checkpoint.diffusion_config),
@@ -173,9 +192,10 @@ def main() -> None:
     path = write_results(name, results, grids)
     ddpm = results.get("ddpm1000", {}).get("fid", "-")
     bits = f" {results['nll']['bits_per_dim']:.3f} bits/dim |" if args.nll else ""
+    means = f"; means of {len(args.sampling_seeds)} sampling draws" if len(args.sampling_seeds) > 1 else ""
     print(f"| {args.label} | {tflop:.0f} | {results['training_seconds'] or 0:.0f} s | {results['ddim50']['fid']} | "
           f"{ddpm} | {results['ddim50']['confident_fraction']:.1%} |{bits}   ({path}; real test images: "
-          f"{results['real_confident_fraction']:.1%} confident, FID floor {results['floor']})")
+          f"{results['real_confident_fraction']:.1%} confident, FID floor {results['floor']}{means})")
 
 
 if __name__ == "__main__":

@@ -117,15 +117,21 @@ def test_train_profile_scores_the_ddim_rows_with_the_eta_and_spacing_asked(tmp_p
         "train_profile.py", "--label", "smoke row", "--profile", "smoke", "--samples", "8", "--threads", "1",
         "--data-root", str(tmp_path / "data"), "--runs-root", str(tmp_path / "runs"), "--device", "cpu",
         "--set", "train.sample_every=0", "--set", "train.snapshot_every=0",
-        "--eta", "0", "--spacing", "quadratic", "--raw", "--ddpm", "--sampling-seed", "2"])
+        "--eta", "0", "--spacing", "quadratic", "--raw", "--ddpm", "--sampling-seeds", "2", "3"])
     profile.main()
     result = json.loads((tmp_path / "results" / "train_profile" / "smoke_row.json").read_text())
-    assert (result["ddim_eta"], result["ddim_spacing"], result["sampling_seed"]) == (0.0, "quadratic", 2)
+    assert (result["ddim_eta"], result["ddim_spacing"], result["sampling_seeds"]) == (0.0, "quadratic", [2, 3])
     assert [(s.sampler, s.num_steps, s.eta, s.spacing) for s in used] == [
-        ("ddim", 50, 0.0, "quadratic"), ("ddpm", None, 0.0, "uniform"), ("ddim", 50, 0.0, "quadratic")]
-    assert used[1].variance == "fixedlarge"
+        ("ddim", 50, 0.0, "quadratic")] * 2 + [("ddpm", None, 0.0, "uniform")] * 2 + [("ddim", 50, 0.0, "quadratic")] * 2
+    assert used[2].variance == "fixedlarge"
     for key in ("ddim50", "ddpm1000", "ddim50_raw"):
         row = result[key]
-        assert math.isfinite(row["fid"]) and sum(row["class_counts"]) <= 8 and 0 <= row["confident_fraction"] <= 1
+        assert [draw["sampling_seed"] for draw in row["draws"]] == [2, 3]
+        for draw in row["draws"]:
+            assert math.isfinite(draw["fid"]) and sum(draw["class_counts"]) <= 8 and 0 <= draw["confident_fraction"] <= 1
+        assert row["draws"][0]["fid"] != row["draws"][1]["fid"]  # other noise, other samples
+        assert row["fid"] == pytest.approx(sum(d["fid"] for d in row["draws"]) / 2, abs=0.006)
+        assert row["confident_fraction"] == pytest.approx(sum(d["confident_fraction"] for d in row["draws"]) / 2)
+        assert row["smallest_class_share"] == min(d["smallest_class_share"] for d in row["draws"])
         assert (tmp_path / "results" / "train_profile" / f"smoke_row_{key}.png").is_file()
     assert result["steps"] == 20 and result["gflop_per_image"] > 0 and result["training_seconds"] > 0
