@@ -93,9 +93,12 @@ def main() -> None:
     tracks_path = out / TRACKS_FILE
     saved = torch.load(tracks_path, weights_only=True) if tracks_path.is_file() else {}
     if not set(specs) <= set(saved):
-        if saved or (out / "last.pt").exists():
+        if saved:
             raise SystemExit(f"{out} was trained with the averages {sorted(saved)}, not {sorted(specs)}: "
                              f"ask for those, or remove the folder to train again")
+        if (out / "last.pt").exists():  # the averages are saved at the end: this training was cut short
+            raise SystemExit(f"{out} holds a training without its averages (one stopped before its end saves "
+                             f"none, and they cannot be resumed): remove the folder to train again")
         print(f"training {spec.profile} ({spec.train.steps} steps of {spec.train.batch_size}, {threads} threads) "
               f"with {len(specs)} extra averages into {out}")
         trained_checkpoint(spec, args.data_root, device, root=root, progress=True,

@@ -135,3 +135,21 @@ def test_train_profile_scores_the_ddim_rows_with_the_eta_and_spacing_asked(tmp_p
         assert row["smallest_class_share"] == min(d["smallest_class_share"] for d in row["draws"])
         assert (tmp_path / "results" / "train_profile" / f"smoke_row_{key}.png").is_file()
     assert result["steps"] == 20 and result["gflop_per_image"] > 0 and result["training_seconds"] > 0
+
+
+def test_the_ema_sweep_refuses_a_folder_it_cannot_score(tmp_path, monkeypatch):
+    """A training cut short saved no averages, and other averages are not these: both say what to do."""
+    from ddpm_core.runs import resolve_run, run_dir
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sweep = importlib.import_module("ema_sweep")
+    out = run_dir(resolve_run("smoke"), tmp_path / "ema_sweep")
+    out.mkdir(parents=True)
+    (out / "last.pt").write_bytes(b"")
+    monkeypatch.setattr("sys.argv", ["ema_sweep.py", "--profile", "smoke", "--runs-root", str(tmp_path),
+                                     "--ramps", "3", "--fixed", "--threads", "1", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="stopped before its end saves none.*remove the folder"):
+        sweep.main()
+    torch.save({"ramp 5": {}}, out / sweep.TRACKS_FILE)
+    with pytest.raises(SystemExit, match=r"trained with the averages \['ramp 5'\], not \['ramp 3'\]"):
+        sweep.main()
