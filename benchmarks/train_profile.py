@@ -6,11 +6,11 @@ the training's wall time and images/s, MNIST FID of N samples (the judge's featu
 against the 60,000 training images) with DDIM-50 (eta 1, or --eta and --spacing) and, with
 --ddpm, DDPM-1000, the share of samples the judge calls a digit with >= 90% confidence, and
 the smallest digit's share of those (1.0: every digit at its tenth); with --nll N, the
-variational bound of N test images in bits/dim. The real-vs-real floor at the same N is reported beside them, and so is
-the confident share of N real test images: the most a sampler can be expected to reach with
-this judge (one epoch of training leaves it unsure of some real digits). The run is
-trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks' folder when RUNS_ROOT is
-theirs) and found there again.
+variational bound of N test images in bits/dim. The real-vs-real floor at the same N is
+reported beside them, and so is the confident share of N real test images: the most a
+sampler can be expected to reach with this judge (one epoch of training leaves it unsure of
+some real digits). The run is trained once into RUNS_ROOT/PROFILE-mnist-KEY (the notebooks'
+folder when RUNS_ROOT is theirs) and found there again.
 
 Run: `.venv/bin/python benchmarks/train_profile.py --label "8 groups" --set model.norm_groups=8
       [--set train.lr=4e-3 ...] [--scale 0.25] [--samples 1000] [--ddpm] [--raw] [--nll 32]

@@ -31,7 +31,8 @@ class Profile:
 
 # 12-24-48 channels, 4 GroupNorm groups, attention only in the middle: 0.237 GFLOP per training
 # image (forward + backward, `torch.utils.flop_counter`), a fifth of the 1.12 of the 32-64-64
-# profile of issue 19, which buys more images (README: how the laptop profile was tuned).
+# profile of issue 19, which buys more images (README: how the laptop profile was tuned). 0.36M
+# parameters.
 LAPTOP_MODEL = replace(MNIST_SMALL_MODEL, base_channels=12, channel_mults=(1, 2, 4), norm_groups=4,
                        attention_resolutions=())
 
@@ -52,9 +53,9 @@ PROFILES = {
             # 8,496 x 64 images x 0.237 GFLOP = 128.9 TFLOP of training, under the cap of issue 19 (the
             # 1.06M profile's 1,800 x 64 x 1.12). P2 weighting won a quarter-length screen; batch 64
             # and lr 2e-3 won full-length screens at this compute on a GPU; on the CPU 12-24-48 (8,496
-            # steps) beat 16-32-32 (7,168) and 16-32-64 (4,790) at equal compute: DDPM-1000 FID 6.74
-            # against 8.69 over two sampling seeds, DDIM-50 8.33 against 8.95 over five, in 28 minutes
-            # (README: the tables). The EMA is its ramp, (1 + k) / (10 + k): the 0.9995 cap is never
+            # steps) beat 16-32-32 (7,168) and 16-32-64 (4,790) at equal compute: DDPM-1000 FID 5.88 /
+            # 7.59 / 7.38 over two trainings against 7.78 / 9.60, DDIM-50 8.33 against 8.95 over five
+            # sampling seeds, in 28-29 minutes (README: the tables). The EMA is its ramp, (1 + k) / (10 + k): the 0.9995 cap is never
             # reached at this length, and ramps 3 to 20 scored level (benchmarks/ema_sweep.py).
             TrainConfig(steps=8496, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=425, ema_decay=0.9995,
                         ema_warmup=True, log_every=50, checkpoint_every=1200, sample_every=2400, snapshot_every=1200,
@@ -62,8 +63,9 @@ PROFILES = {
             "MNIST on a 2-core CPU in about 30 minutes (README: how it was tuned)",
             # The down half of a UNet at 16-32-64 (0.18M), wider than LAPTOP_MODEL's own (the 16-32-32
             # model's own half, 0.08M, reached only 93.5% guided accuracy), t uniform: 4,000 steps of
-            # 64 in 250-273 s on 2026-12-04's CPU, 98.5-99.5% guided accuracy at s = 5-40 (README:
-            # the classifier rows; 2,000 steps of 64 and 4,000 of 32 reached 93.5% and 95.5% at best).
+            # 64 in 233-273 s on 2026-12-04's and 12-05's CPU, 98.5-99.5% guided accuracy at s = 5-40
+            # (README: the classifier rows; 2,000 steps of 64 and 4,000 of 32 reached 93.5% and 95.5%
+            # at best).
             ClassifierConfig(steps=4000, batch_size=64, lr=2e-3, channel_mults=(1, 2, 4), base_channels=16),
             judged_samples=100, fid_samples=100,
         ),
