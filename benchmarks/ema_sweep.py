@@ -116,7 +116,7 @@ def main() -> None:
                "floor": round(evaluator.floor(args.samples)["fid"], 2), "rows": {}}
     variants = {name: (dataclasses.replace(checkpoint, ema_state=saved[name]), True) for name in specs}
     variants["raw weights"] = (checkpoint, False)
-    grids = RESULTS / "ema_sweep"
+    grids = RESULTS / "ema_sweep" / out.name  # a folder a run: another profile or seed never overwrites these
     print(f"| average | DDIM-50 FID (seeds {', '.join(map(str, args.seeds))}) | mean | confident | smallest digit |")
     for name, (source, use_ema) in variants.items():
         stem = grids / name.replace(" ", "_")
@@ -135,7 +135,7 @@ def main() -> None:
                  if "ddpm1000" in row else ""), flush=True)
     label = "_".join(s.replace("=", "_").replace(".", "_") for s in args.set) or "profile"
     seeds = "_".join(map(str, args.seeds))
-    print(write_results(f"{spec.profile}_{label}_seeds_{seeds}", results, grids))
+    print(write_results(f"{label}_seeds_{seeds}", results, grids))
 
 
 if __name__ == "__main__":
