@@ -55,8 +55,10 @@ PROFILES = {
             # and lr 2e-3 won full-length screens at this compute on a GPU; on the CPU 12-24-48 (8,496
             # steps) beat 16-32-32 (7,168) and 16-32-64 (4,790) at equal compute: DDPM-1000 FID 5.88 /
             # 7.59 / 7.38 over two trainings against 7.78 / 9.60, DDIM-50 8.33 against 8.95 over five
-            # sampling seeds, in 28-29 minutes (README: the tables). The EMA is its ramp, (1 + k) / (10 + k): the 0.9995 cap is never
-            # reached at this length, and ramps 3 to 20 scored level (benchmarks/ema_sweep.py).
+            # sampling seeds, in 28-29 minutes (README: the tables). The EMA is its ramp, (1 + k) /
+            # (10 + k): the 0.9995 cap is never reached at this length. Ramp 5 (`ema_ramp`) scored
+            # DDIM-50 7.42 / 7.94 against 8.12 / 8.68 on two trainings (benchmarks/ema_sweep.py,
+            # README: round five): not adopted yet, its DDPM-1000 unmeasured.
             TrainConfig(steps=8496, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=425, ema_decay=0.9995,
                         ema_warmup=True, log_every=50, checkpoint_every=1200, sample_every=2400, snapshot_every=1200,
                         loss_weighting="p2"),
