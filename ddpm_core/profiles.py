@@ -58,7 +58,7 @@ PROFILES = {
             # sampling seeds, in 28-29 minutes (README: the tables). The EMA is its ramp, (1 + k) /
             # (10 + k): the 0.9995 cap is never reached at this length. Ramp 5 (`ema_ramp`) scored
             # DDIM-50 7.42 / 7.94 against 8.12 / 8.68 on two trainings (benchmarks/ema_sweep.py,
-            # README: round five): not adopted yet, its DDPM-1000 unmeasured.
+            # README: round five): not adopted yet, as it needs the profile trained again.
             TrainConfig(steps=8496, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=425, ema_decay=0.9995,
                         ema_warmup=True, log_every=50, checkpoint_every=1200, sample_every=2400, snapshot_every=1200,
                         loss_weighting="p2"),
