@@ -64,13 +64,15 @@ class NoisyClassifier(nn.Module):
         return self.head(h.mean(dim=(2, 3)))  # (B, num_classes)
 
 
-def classifier_model_config(model_config: ModelConfig, channel_mults: tuple[int, ...] | None = None,
-                            base_channels: int | None = None) -> ModelConfig:
-    """The classifier's shape: the diffusion model's, unconditional, without dropout, with
-    `channel_mults` for its levels and `base_channels` for its width when given
-    (`ClassifierConfig`'s fields of those names)."""
-    own = {name: value for name, value in (("channel_mults", channel_mults), ("base_channels", base_channels))
-           if value is not None}
+# ClassifierConfig's fields that override the diffusion model's shape when set (not None)
+_OWN_SHAPE_FIELDS = ("channel_mults", "base_channels")
+
+
+def classifier_model_config(model_config: ModelConfig, config: ClassifierConfig | None = None) -> ModelConfig:
+    """The classifier's shape: the diffusion model's, unconditional, without dropout, with the
+    levels and width `config` sets for itself (`ClassifierConfig.channel_mults`, `.base_channels`)."""
+    own = {name: getattr(config, name) for name in _OWN_SHAPE_FIELDS
+           if config is not None and getattr(config, name) is not None}
     return replace(model_config, dropout=0.0, num_classes=None, kind="unet", **own)
 
 

@@ -54,7 +54,7 @@ def train_classifier(model_config: ModelConfig, diffusion: DiffusionConfig, data
     from the global RNG before."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        classifier = NoisyClassifier(classifier_model_config(model_config, config.channel_mults, config.base_channels))
+        classifier = NoisyClassifier(classifier_model_config(model_config, config))
     shape = dict(image_size=model_config.image_size, channels=model_config.in_channels)
     schedule = NoiseSchedule.from_config(diffusion)
     start = time.perf_counter()
