@@ -53,12 +53,13 @@ PROFILES = {
             # 8,496 x 64 images x 0.237 GFLOP = 128.9 TFLOP of training, under the cap of issue 19 (the
             # 1.06M profile's 1,800 x 64 x 1.12). P2 weighting won a quarter-length screen; batch 64
             # and lr 2e-3 won full-length screens at this compute on a GPU; on the CPU 12-24-48 (8,496
-            # steps) beat 16-32-32 (7,168) and 16-32-64 (4,790) at equal compute: DDPM-1000 FID 5.88 /
-            # 7.59 / 7.38 over two trainings against 7.78 / 9.60, DDIM-50 8.33 against 8.95 over five
-            # sampling seeds, in 28-29 minutes (README: the tables). The EMA is its ramp, (1 + k) /
-            # (5 + k) (`ema_ramp`), up to its 0.9995 cap from update 7,995 on. Ramp 5 beat the
-            # ramp 10 these runs were first scored with on all six draws, DDIM-50 7.42 / 7.94 against
-            # 8.12 / 8.68 on two trainings (benchmarks/ema_sweep.py, README: rounds five and six).
+            # steps) beat 16-32-32 (7,168) and 16-32-64 (4,790) at equal compute, both with EMA ramp
+            # 10: DDPM-1000 FID 5.88 / 7.59 / 7.38 over two trainings against 7.78 / 9.60, DDIM-50 8.33
+            # against 8.95 over five sampling seeds, in 28-29 minutes (README: the tables). The EMA is
+            # its ramp, (1 + k) / (5 + k) (`ema_ramp`), up to its 0.9995 cap from update 7,995 on.
+            # Ramp 5 beat ramp 10 on all six draws of two trainings, DDIM-50 7.42 / 7.94 against
+            # 8.12 / 8.68 (benchmarks/ema_sweep.py); the profile with it: DDIM-50 7.42 and DDPM-1000
+            # 7.47 over sampling seeds 0-2, in 28.8 minutes (README: rounds five and six).
             TrainConfig(steps=8496, batch_size=64, lr=2e-3, lr_decay="cosine", warmup_steps=425, ema_decay=0.9995,
                         ema_warmup=True, ema_ramp=5.0, log_every=50, checkpoint_every=1200, sample_every=2400,
                         snapshot_every=1200, loss_weighting="p2"),
