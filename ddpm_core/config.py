@@ -187,7 +187,7 @@ class TrainConfig:
     # With ema_warmup, decay_k = min(ema_decay, (1 + k) / (ema_ramp + k)): useful EMA early. The
     # ramp is a half-life of about ln 2 / (ema_ramp - 1) of the steps seen (7.7% at 10), and it
     # reaches ema_decay only at k = (ema_ramp * ema_decay - 1) / (1 - ema_decay): for 0.9995, 17,990
-    # at ramp 10 and 7,995 at ramp 5, so in a run not much longer the ramp, not ema_decay, is the average.
+    # at ramp 10 and 7,995 at ramp 5, so in a run shorter than that the ramp, not ema_decay, is the average.
     ema_warmup: bool = False
     ema_ramp: float = 10.0
     seed: int = 0
