@@ -68,11 +68,10 @@ class NoisyClassifier(nn.Module):
 _OWN_SHAPE_FIELDS = ("channel_mults", "base_channels")
 
 
-def classifier_model_config(model_config: ModelConfig, config: ClassifierConfig | None = None) -> ModelConfig:
+def classifier_model_config(model_config: ModelConfig, config: ClassifierConfig) -> ModelConfig:
     """The classifier's shape: the diffusion model's, unconditional, without dropout, with the
     levels and width `config` sets for itself (`ClassifierConfig.channel_mults`, `.base_channels`)."""
-    own = {name: getattr(config, name) for name in _OWN_SHAPE_FIELDS
-           if config is not None and getattr(config, name) is not None}
+    own = {name: getattr(config, name) for name in _OWN_SHAPE_FIELDS if getattr(config, name) is not None}
     return replace(model_config, dropout=0.0, num_classes=None, kind="unet", **own)
 
 
