@@ -24,6 +24,7 @@ MetricName = Literal["inception", "mnist"]  # FID features: InceptionV3, or the 
 DatasetName = Literal["mnist", "cifar10", "folder"]
 LrDecay = Literal["constant", "cosine"]
 LossWeighting = Literal["uniform", "min_snr", "p2"]
+TimestepSampling = Literal["uniform", "loss"]  # how training draws t (`diffusion.LossAwareTimesteps`)
 Prediction = Literal["eps", "mu", "x0"]  # what the network outputs (Ho et al. 2020, Table 2)
 Objective = Literal["simple", "vlb"]  # the unweighted MSE of that output, or the true bound L
 
@@ -209,6 +210,10 @@ class TrainConfig:
     loss_weighting: LossWeighting = "uniform"
     min_snr_gamma: float = 5.0
     p2_gamma: float = 1.0
+    # How t is drawn: "uniform" (the paper, Alg. 1), or "loss": importance sampling by the last
+    # ten losses at each t, each reweighted so that the objective is unchanged (Nichol &
+    # Dhariwal 2021, Sec. 3.3; `diffusion.LossAwareTimesteps`). Only the estimator's variance changes.
+    timestep_sampling: TimestepSampling = "uniform"
     # "simple": the unweighted MSE of the network's output (L_simple for eps); "vlb": the true
     # variational bound L with fixed isotropic Sigma (Ho et al. 2020, Table 2; `objectives`).
     objective: Objective = "simple"
@@ -217,6 +222,7 @@ class TrainConfig:
         check_choice(self.lr_decay, LrDecay, "lr_decay")
         check_choice(self.objective, Objective, "objective")
         check_choice(self.loss_weighting, LossWeighting, "loss_weighting")
+        check_choice(self.timestep_sampling, TimestepSampling, "timestep_sampling")
         check_types(self)
         if not (self.min_snr_gamma > 0 and self.p2_gamma >= 0):
             raise ValueError(f"min_snr_gamma must be positive and p2_gamma non-negative, got {self.min_snr_gamma} "
@@ -316,7 +322,7 @@ _NOT_IN_KEY = ("log_every", "checkpoint_every", "sample_every", "sample_images",
 # they are always kept.)
 _KEY_ONLY_IF_SET = {"label_dropout": 0.0, "loss_weighting": "uniform", "min_snr_gamma": 5.0, "p2_gamma": 1.0,
                     "norm_groups": 32, "prediction": "eps", "objective": "simple", "channel_mults": None,
-                    "base_channels": None, "ema_ramp": 10.0}
+                    "base_channels": None, "ema_ramp": 10.0, "timestep_sampling": "uniform"}
 
 
 def key_fields(config) -> dict:

@@ -1,8 +1,8 @@
 """The forward process q and the training objective of Ho et al. 2020.
 
 This module owns q(x_t | x_0), the posterior q(x_{t-1} | x_t, x_0), the x0 <- eps
-reparametrisation and L_simple. The coefficients come from `ddpm_core.schedule`; the reverse
-process (sampling) lives in `ddpm_core.sampling`.
+reparametrisation and L_simple, with how its t is drawn and weighted. The coefficients come
+from `ddpm_core.schedule`; the reverse process (sampling) lives in `ddpm_core.sampling`.
 
 Notation (code name -> paper symbol; t is 0-indexed, index t is the paper's step t + 1):
 
@@ -104,6 +104,68 @@ def sample_timesteps(
     """t ~ Uniform{0, ..., T - 1} (B,): all T steps, as in Ho et al. 2020, Alg. 1 line 3
     (the paper's Uniform{1, ..., T}, 0-indexed). Never `randint(1, T)`, which skips a step."""
     return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
+
+
+class LossAwareTimesteps:
+    """Importance sampling of t by loss (Nichol & Dhariwal 2021, Sec. 3.3): the training loss's
+    estimator, not the loss itself.
+
+    Each step t keeps its last `history` per-sample losses L_t. Until every t holds that many, t is
+    uniform (`sample_timesteps`, the same draws). Then t ~ p_t with
+    p_t = (1 - u) sqrt(E[L_t^2]) / sum_s sqrt(E[L_s^2]) + u / T (u = `uniform_share`), and each
+    sample's loss is weighted by 1 / (T p_t), so that E_{t ~ p}[L_t / (T p_t)] = (1/T) sum_t L_t:
+    the uniform-t objective, drawn where its terms are large and vary most (lower variance).
+    """
+
+    def __init__(self, num_timesteps: int, history: int = 10, uniform_share: float = 1e-3):
+        if num_timesteps < 1 or history < 1 or not 0.0 < uniform_share <= 1.0:
+            raise ValueError(f"LossAwareTimesteps needs num_timesteps >= 1, history >= 1 and 0 < uniform_share <= 1; "
+                             f"got {num_timesteps}, {history}, {uniform_share}")
+        self.num_timesteps, self.history, self.uniform_share = num_timesteps, history, uniform_share
+        self.losses = torch.zeros(num_timesteps, history, dtype=torch.float64)  # a ring buffer per t
+        self.seen = torch.zeros(num_timesteps, dtype=torch.long)  # losses recorded at t, ever
+
+    @property
+    def warm(self) -> bool:
+        """Whether every t holds `history` losses (before that, t is uniform)."""
+        return bool((self.seen >= self.history).all())
+
+    def probabilities(self) -> torch.Tensor:
+        """p_t (T,), float64, summing to 1."""
+        if not self.warm:
+            return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
+        root_mean_square = self.losses.square().mean(1).sqrt()
+        return (1.0 - self.uniform_share) * root_mean_square / root_mean_square.sum() \
+            + self.uniform_share / self.num_timesteps
+
+    def sample(self, batch_size: int, device: torch.device | str = "cpu",
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """t (B,) ~ p_t."""
+        if not self.warm:
+            return sample_timesteps(batch_size, self.num_timesteps, device, generator)
+        return torch.multinomial(self.probabilities().to(device), batch_size, replacement=True, generator=generator)
+
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """1 / (T p_t) (B,), float32, on t's device: 1 everywhere while t is uniform."""
+        p = self.probabilities().to(t.device)[t]
+        return (1.0 / (self.num_timesteps * p)).float()
+
+    def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Record each sample's loss at its t, in batch order (the oldest of a full t is dropped)."""
+        for step, loss in zip(t.tolist(), losses.detach().double().cpu().tolist()):
+            seen = int(self.seen[step])
+            self.losses[step, seen % self.history] = loss
+            self.seen[step] = seen + 1
+
+    def state_dict(self) -> dict:
+        return {"losses": self.losses.clone(), "seen": self.seen.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["losses"].shape != self.losses.shape or state["seen"].shape != self.seen.shape:
+            raise RuntimeError(f"a loss history of shape {tuple(state['losses'].shape)}, not "
+                             f"{tuple(self.losses.shape)} (T = {self.num_timesteps}, {self.history} losses a step)")
+        self.losses = state["losses"].double().cpu().clone()
+        self.seen = state["seen"].long().cpu().clone()
 
 
 def timestep_weights(schedule: NoiseSchedule, t: torch.Tensor, weighting: str = "uniform",

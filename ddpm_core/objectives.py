@@ -86,7 +86,7 @@ def reverse_step(schedule: NoiseSchedule, output: torch.Tensor, x_t: torch.Tenso
 def training_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: Prediction = "eps",
                   objective: Objective = "simple", y: torch.Tensor | None = None, t: torch.Tensor | None = None,
                   noise: torch.Tensor | None = None, weights: torch.Tensor | None = None,
-                  variance: VarianceName = "fixedlarge") -> torch.Tensor:
+                  variance: VarianceName = "fixedlarge", per_sample: bool = False) -> torch.Tensor:
     """One of Table 2's objectives on a batch x0 (B, C, H, W), with t (B,) and noise given or
     drawn; returns a scalar. `model` is the raw network (its output is `prediction`).
 
@@ -95,10 +95,11 @@ def training_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, pr
     is `loss_simple`, bit for bit. "vlb": the true bound, each sample's term L_t in bits/dim
     (`likelihood.vb_terms_bpd`: the KL to the posterior at t > 0, the discretised decoder at
     t = 0) with sigma_t^2 fixed by `variance`, averaged over the batch: 1/T of the Monte Carlo
-    estimate of L - L_T (L_T has no parameters)."""
+    estimate of L - L_T (L_T has no parameters). With `per_sample`, each sample's (weighted)
+    term (B,) instead of their mean (what `diffusion.LossAwareTimesteps` records)."""
     check_choice(prediction, Prediction, "prediction")
     check_choice(objective, Objective, "objective")
-    if prediction == "eps" and objective == "simple":
+    if prediction == "eps" and objective == "simple" and not per_sample:
         return loss_simple(model, schedule, x0, y, t=t, noise=noise, weights=weights)
     if t is None:
         t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
@@ -107,12 +108,14 @@ def training_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, pr
     x_t = q_sample(schedule, x0, t, noise=noise)
     output = model(x_t, t, y).float()
     if objective == "vlb":
-        per_sample = vb_terms_bpd(schedule, reverse_step(schedule, output, x_t, t, prediction, variance), x0, x_t, t)
+        terms = vb_terms_bpd(schedule, reverse_step(schedule, output, x_t, t, prediction, variance), x0, x_t, t)
     else:
         target = {"eps": noise, "x0": x0}.get(prediction)
         if target is None:
             target = q_posterior(schedule, x0, x_t, t).mean
-        if weights is None:
+        if weights is None and not per_sample:
             return F.mse_loss(output, target.float())
-        per_sample = (output - target.float()).square().flatten(1).mean(1)
-    return per_sample.mean() if weights is None else (weights * per_sample).mean()
+        terms = (output - target.float()).square().flatten(1).mean(1)
+    if weights is not None:
+        terms = weights * terms
+    return terms if per_sample else terms.mean()

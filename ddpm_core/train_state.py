@@ -7,7 +7,8 @@ them is `ddpm_core.training`'s, the file format `ddpm_core.checkpoint`'s.
 last.pt's train_state: step, best_heldout_loss, optimizer, scheduler, train_config,
 world_size; torch_rng and cuda_rng (rank 0's global RNG, CPU and GPU: what it draws alone,
 dropout masks and flips); shared_rng (the generator of the diffusion's draws, t, eps and label
-dropout, in the same state on every rank); and, from several processes, rank_rng (every
+dropout, in the same state on every rank); timestep_history (with timestep_sampling "loss",
+the losses that draw t); and, from several processes, rank_rng (every
 rank's global RNG, in rank order). A one-process last.pt from before shared_rng existed drew
 the diffusion's draws from its global RNG, so it resumes with that state as the generator's.
 """
@@ -26,6 +27,7 @@ from torch import nn
 
 from ddpm_core.checkpoint import Checkpoint, load_checkpoint, save_checkpoint, stored_config
 from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig, to_dict
+from ddpm_core.diffusion import LossAwareTimesteps
 from ddpm_core.distributed import Distributed
 from ddpm_core.files import write_text
 
@@ -68,6 +70,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator  # the diffusion's draws for each global batch, alike on every rank
+    timesteps: LossAwareTimesteps | None = None  # the loss history that draws t, when t is not uniform
     step: int = 0
     best_heldout_loss: float = math.inf
     saved_step: int | None = None  # the step last.pt holds now (written or read); not itself saved
@@ -93,6 +96,8 @@ class TrainState:
         }
         if self.place.enabled:
             train_state["rank_rng"] = rank_rng
+        if self.timesteps is not None:
+            train_state["timestep_history"] = self.timesteps.state_dict()
         checkpoint = Checkpoint(self.model_config, self.diffusion_config, self.model.state_dict(),
                                 self.ema_model.state_dict(), {**self.metadata, "step": self.step}, train_state)
         return save_checkpoint(checkpoint, path)
@@ -137,6 +142,8 @@ class TrainState:
         self.ema_model.load_state_dict(checkpoint.ema_state)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.timesteps is not None:
+            self.timesteps.load_state_dict(state["timestep_history"])
         self.step = self.saved_step = state["step"]
         self.best_heldout_loss = state["best_heldout_loss"]
         device = self.generator.device

@@ -37,7 +37,7 @@ from tqdm import tqdm  # the type; bars come from runtime.progress_bar
 
 from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig
 from ddpm_core.denoisers import build_model
-from ddpm_core.diffusion import sample_timesteps, timestep_weights
+from ddpm_core.diffusion import LossAwareTimesteps, sample_timesteps, timestep_weights
 from ddpm_core.distributed import Distributed, epoch_batches, local_batch_size
 from ddpm_core.files import folder_lock, remove_orphans
 from ddpm_core.objectives import as_eps_denoiser, training_loss
@@ -152,8 +152,12 @@ class Trainer:
         else:  # MPS and others: their generators hold another kind of state, so seed one afresh
             generator.manual_seed(train_config.seed)
         torch.manual_seed(train_config.seed + 1 + place.rank)
+        # t uniform (the paper), or drawn by the loss history, which every rank keeps alike
+        self.timesteps = LossAwareTimesteps(self.schedule.num_timesteps) \
+            if train_config.timestep_sampling == "loss" else None
         self.state = TrainState(model_config, diffusion_config, train_config, place, dict(extra or {}),
-                                self.model, self.ema.model, self.optimizer, self.scheduler, generator)
+                                self.model, self.ema.model, self.optimizer, self.scheduler, generator,
+                                self.timesteps)
         forward: nn.Module = self.model
         if place.enabled:
             forward = DistributedDataParallel(self.model, device_ids=[self.device.index] if cuda else None)
@@ -187,7 +191,8 @@ class Trainer:
         drop = None
         if y is not None and self.config.label_dropout > 0:
             drop = (torch.rand((batch,), device=y.device, generator=generator) < self.config.label_dropout)[rows]
-        t = sample_timesteps(batch, self.schedule.num_timesteps, x0.device, generator)[rows]
+        t = (sample_timesteps(batch, self.schedule.num_timesteps, x0.device, generator) if self.timesteps is None
+             else self.timesteps.sample(batch, x0.device, generator))[rows]
         eps = torch.randn((batch, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)[rows]
         return drop, t, eps
 
@@ -204,12 +209,16 @@ class Trainer:
             y = torch.where(drop, torch.full_like(y, self.model_config.num_classes), y)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = training_loss(self.forward, self.schedule, x0, self.model_config.prediction, config.objective, y,
-                                 t=t, noise=eps, weights=weights)
+                                 t=t, noise=eps, weights=weights, per_sample=self.timesteps is not None)
+        if self.timesteps is not None:  # each term over T p_t: the same objective in expectation
+            terms, loss = loss, (self.timesteps.weights(t) * loss).mean()
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss is {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
                 f"({self.checkpoint_path}, step {self.state.saved_step}) is kept. Try a lower --lr or turning off amp."
             )
+        if self.timesteps is not None:
+            self.record_losses(t, terms.detach())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # under DDP the gradients arrive averaged over the ranks
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
@@ -218,6 +227,15 @@ class Trainer:
         self.ema.update(self.model, self.step)
         self.state.step += 1
         return loss.detach()
+
+    def record_losses(self, t: torch.Tensor, terms: torch.Tensor) -> None:
+        """Give the loss history every rank's (t, loss) of this step, in the global batch's order
+        (rank r holds rows r, r + W, ...), so that every rank's history, and its next draws, agree."""
+        shares = self.place.gather((t.cpu(), terms.cpu()))
+        world = self.place.world_size
+        order = [(rank, row) for row in range(len(shares[0][0])) for rank in range(world)]
+        self.timesteps.update(torch.stack([shares[rank][0][row] for rank, row in order]),
+                              torch.stack([shares[rank][1][row] for rank, row in order]))
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False, progress: bool = False, extra_hooks: Sequence = ()) -> TrainResult:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from ddpm_core.diffusion import (
+    LossAwareTimesteps,
     loss_simple,
     predict_eps_from_x0,
     predict_x0_from_eps,
@@ -151,3 +152,60 @@ def test_a_weighted_loss_is_the_weighted_mean_of_each_samples_mse(linear_schedul
     assert loss.item() == pytest.approx((weights * per_sample).mean().item())
     uniform = loss_simple(zero, linear_schedule, x0, t=t, noise=noise, weights=torch.ones(3))
     assert uniform.item() == pytest.approx(loss_simple(zero, linear_schedule, x0, t=t, noise=noise).item())
+
+
+def filled(sampler: LossAwareTimesteps, losses: torch.Tensor) -> LossAwareTimesteps:
+    """`sampler` after recording `losses` (T, history) column by column: every t full."""
+    for column in losses.T:
+        sampler.update(torch.arange(sampler.num_timesteps), column)
+    return sampler
+
+
+def test_loss_aware_timesteps_are_uniform_until_every_step_holds_its_history():
+    sampler = LossAwareTimesteps(5, history=2)
+    gen_a, gen_b = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    assert torch.equal(sampler.sample(16, generator=gen_a), sample_timesteps(16, 5, generator=gen_b))
+    assert torch.equal(sampler.weights(torch.tensor([0, 4])), torch.ones(2))
+    sampler.update(torch.tensor([0, 1, 2, 3, 4, 0, 1, 2, 3]), torch.full((9,), 7.0))  # t = 4 holds one loss
+    assert not sampler.warm and torch.equal(sampler.probabilities(), torch.full((5,), 0.2, dtype=torch.float64))
+    sampler.update(torch.tensor([4]), torch.tensor([7.0]))
+    assert sampler.warm
+
+
+def test_loss_aware_probabilities_are_the_mixed_root_mean_square_and_keep_the_objective():
+    """p_t = (1 - u) sqrt(E[L_t^2]) / sum + u / T, and E_{t ~ p}[w_t L_t] with w_t = 1 / (T p_t) is
+    the uniform-t mean (1/T) sum_t L_t, exactly."""
+    T, u = 6, 0.1
+    losses = torch.rand(T, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
+    sampler = filled(LossAwareTimesteps(T, history=3, uniform_share=u), losses)
+    rms = losses.pow(2).mean(1).sqrt()
+    p = sampler.probabilities()
+    torch.testing.assert_close(p, (1 - u) * rms / rms.sum() + u / T)
+    assert p.sum().item() == pytest.approx(1.0) and p.min() >= u / T
+    steps = torch.arange(T)
+    mean_loss = losses.mean(1)  # any per-t loss: the reweighting does not depend on it
+    importance_weighted = (p * sampler.weights(steps).double() * mean_loss).sum()
+    assert importance_weighted.item() == pytest.approx(mean_loss.mean().item(), rel=1e-6)
+
+
+def test_loss_aware_draws_follow_the_probabilities_and_the_history_keeps_the_newest():
+    T = 4
+    sampler = filled(LossAwareTimesteps(T, history=2), torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]]))
+    t = sampler.sample(40_000, generator=torch.Generator().manual_seed(2))
+    frequencies = torch.bincount(t, minlength=T).double() / t.numel()
+    torch.testing.assert_close(frequencies, sampler.probabilities(), atol=0.01, rtol=0)  # 1/12, ..., 3/4
+    assert sampler.probabilities()[3].item() == pytest.approx(0.999 * 9 / 12 + 0.001 / 4)
+    sampler.update(torch.tensor([3, 3]), torch.tensor([1.0, 1.0]))  # the two 9s drop out: level again
+    torch.testing.assert_close(sampler.probabilities(), torch.full((T,), 0.25, dtype=torch.float64))
+
+
+def test_a_loss_history_round_trips_and_refuses_another_shape():
+    sampler = filled(LossAwareTimesteps(3, history=2), torch.rand(3, 2, dtype=torch.float64))
+    sampler.update(torch.tensor([1]), torch.tensor([5.0]))
+    copy = LossAwareTimesteps(3, history=2)
+    copy.load_state_dict(sampler.state_dict())
+    assert torch.equal(copy.probabilities(), sampler.probabilities()) and torch.equal(copy.seen, sampler.seen)
+    with pytest.raises(RuntimeError, match=r"shape \(3, 2\), not \(4, 2\)"):
+        LossAwareTimesteps(4, history=2).load_state_dict(sampler.state_dict())
+    with pytest.raises(ValueError, match="history >= 1"):
+        LossAwareTimesteps(3, history=0)

@@ -162,6 +162,19 @@ def test_each_rank_resumes_its_own_random_stream_and_the_shared_one(tmp_path):
     assert torch.equal(rank1.state.generator.get_state(), shared)
 
 
+def test_every_rank_records_the_global_batchs_losses_in_its_order(tmp_path):
+    """With t drawn by loss, each rank's history takes all ranks' (t, loss) in the global
+    batch's order (rank r holds rows r, r + W, ...), so every rank draws the same next t."""
+    trainer = tiny_trainer(tmp_path, timestep_sampling="loss")
+    shares = ((torch.tensor([3, 3]), torch.tensor([1.0, 3.0])), (torch.tensor([3, 4]), torch.tensor([2.0, 4.0])))
+    for rank in (0, 1):
+        trainer.place = Gathering(rank, 2, items=shares)
+        trainer.timesteps.seen.zero_()
+        trainer.record_losses(*shares[rank])
+        assert trainer.timesteps.seen[3] == 3 and trainer.timesteps.seen[4] == 1
+        assert trainer.timesteps.losses[3, :3].tolist() == [1.0, 2.0, 3.0] and trainer.timesteps.losses[4, 0] == 4.0
+
+
 # -- the real command, 2 gloo processes against 1 -----------------------------------------------
 def train(out: Path, data: Path, steps: int, processes: int, resume: bool = False) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]

@@ -72,6 +72,23 @@ def test_eps_and_simple_is_loss_simple_bit_for_bit(linear_schedule):
                            loss_simple(wrapped, linear_schedule, x0, t=t, noise=eps, weights=w))
 
 
+@pytest.mark.parametrize("prediction, objective", [("eps", "simple"), ("x0", "simple"), ("mu", "vlb")])
+def test_per_sample_terms_average_to_the_loss(linear_schedule, prediction, objective):
+    """What the loss history records (`per_sample`): each sample's weighted term, whose mean is the loss."""
+    x0, eps, t, _ = batch(linear_schedule)
+    model = Constant(eps + 0.3 * torch.randn_like(eps))
+    for w in (None, torch.rand(6)):
+        terms = training_loss(model, linear_schedule, x0, prediction, objective, t=t, noise=eps, weights=w,
+                              per_sample=True)
+        assert terms.shape == (6,)
+        torch.testing.assert_close(terms.mean(), training_loss(model, linear_schedule, x0, prediction, objective,
+                                                               t=t, noise=eps, weights=w))
+        if w is not None:  # the weights scale each sample's own term
+            unweighted = training_loss(model, linear_schedule, x0, prediction, objective, t=t, noise=eps,
+                                       per_sample=True)
+            torch.testing.assert_close(terms, w * unweighted)
+
+
 def test_the_bound_objective_for_eps_is_eq_12s_weighted_mse(linear_schedule):
     """Ho et al. 2020, Eq. (12): L_{t-1} - C = beta_t^2 / (2 sigma_t^2 alpha_t (1 - alpha_bar_t))
     ||eps - eps_theta||^2 (per dimension, in nats), here with sigma_t^2 = beta_tilde_t."""
@@ -102,6 +119,8 @@ def test_bad_choices_are_refused_with_the_valid_ones(linear_schedule):
         ModelConfig(prediction="v")
     with pytest.raises(ValueError, match="simple, vlb"):
         TrainConfig(objective="hybrid")
+    with pytest.raises(ValueError, match="timestep_sampling 'importance'; valid choices: uniform, loss"):
+        TrainConfig(timestep_sampling="importance")
     with pytest.raises(ValueError, match="eps, mu, x0"):
         EpsFromPrediction(nn.Identity(), linear_schedule, "score")
 
@@ -115,6 +134,11 @@ def test_the_default_choices_keep_existing_run_keys():
     other = RunSpec("smoke", "mnist", replace(TINY_UNET, prediction="x0"), DiffusionConfig("linear", 100),
                     TrainConfig(steps=5))
     assert spec.key == same.key != other.key
+    uniform_t = RunSpec("smoke", "mnist", TINY_UNET, DiffusionConfig("linear", 100),
+                        TrainConfig(steps=5, timestep_sampling="uniform"))
+    loss_t = RunSpec("smoke", "mnist", TINY_UNET, DiffusionConfig("linear", 100),
+                     TrainConfig(steps=5, timestep_sampling="loss"))
+    assert spec.key == uniform_t.key != loss_t.key
 
 
 @pytest.mark.parametrize("prediction, objective", [("x0", "simple"), ("mu", "vlb")])

@@ -258,6 +258,37 @@ def test_a_checkpoint_from_before_the_shared_generator_resumes_exactly(straight,
     assert_same_run(straight, out)
 
 
+def test_t_drawn_by_loss_starts_as_the_uniform_run_and_resumes_exactly(straight, tmp_path):
+    """timestep_sampling "loss": uniform draws (the same run) until every t holds ten losses,
+    then draws by them; the history travels in last.pt, so a crashed run resumes exactly."""
+    whole = tmp_path / "whole"
+    trainer(whole, steps=180, checkpoint_every=160, timestep_sampling="loss").run()
+    early = [(r["step"], r["loss"]) for r in read_log(whole / "log.jsonl") if "loss" in r][:4]
+    uniform = [(r["step"], r["loss"]) for r in read_log(straight / "log.jsonl") if "loss" in r]
+    # the same draws; the loss is summed per sample first, so equal up to float rounding
+    assert [step for step, _ in early] == [step for step, _ in uniform] == [5, 10, 15, 20]
+    assert [loss for _, loss in early] == pytest.approx([loss for _, loss in uniform], rel=1e-5)
+
+    out = tmp_path / "crashed"
+    run = trainer(out, steps=180, checkpoint_every=160, timestep_sampling="loss")
+    original = run.train_step
+
+    def crash_at_171(x0, y):
+        if run.step == 170:
+            raise RuntimeError("killed")
+        return original(x0, y)
+
+    run.train_step = crash_at_171
+    with pytest.raises(RuntimeError, match="killed"):
+        run.run()
+    history = load_checkpoint(out / "last.pt").train_state["timestep_history"]
+    assert (history["seen"] >= 10).all()  # step 160 draws by the losses already
+    trainer(out, steps=180, checkpoint_every=160, timestep_sampling="loss").run(resume=True)
+    assert_same_run(whole, out)
+    finished = load_checkpoint(whole / "last.pt").train_state["timestep_history"]
+    assert int(finished["seen"].sum()) == 180 * 8 and not torch.equal(finished["losses"], history["losses"])
+
+
 def test_a_signal_stops_after_the_step_with_last_pt_saved(tmp_path):
     run = trainer(tmp_path, steps=10)
     original = run.train_step
