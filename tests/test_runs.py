@@ -36,10 +36,13 @@ def test_the_key_follows_what_changes_the_weights():
     assert spec.key == resolve_run("smoke", log_every=1, checkpoint_every=3, snapshot_every=2).key  # watching only
     assert run_dir(spec, "some/root").parent.as_posix() == "some/root"
     # a field added after runs were cached names them only away from its default: the laptop
-    # profile at ramp 5, and at the default ramp 10 the key rounds four and five trained under
+    # profile with t drawn by loss; with t uniform, round six's key; and at the default ramp 10
+    # too, the key rounds four and five trained under
     laptop = resolve_run("laptop")
-    assert run_dir(laptop, "runs").name == "laptop-mnist-336029a93cc5"
-    assert replace_spec(laptop, train=replace(laptop.train, ema_ramp=10.0)).key == "4e6f1eef8e28"
+    assert run_dir(laptop, "runs").name == "laptop-mnist-02f6db404e9a"
+    uniform_t = replace_spec(laptop, train=replace(laptop.train, timestep_sampling="uniform"))
+    assert uniform_t.key == "336029a93cc5"
+    assert replace_spec(uniform_t, train=replace(uniform_t.train, ema_ramp=10.0)).key == "4e6f1eef8e28"
 
 
 @pytest.mark.parametrize("kwargs, message", [
