@@ -143,12 +143,15 @@ class LossAwareTimesteps:
         """t (B,) ~ p_t."""
         if not self.warm:
             return sample_timesteps(batch_size, self.num_timesteps, device, generator)
-        return torch.multinomial(self.probabilities().to(device), batch_size, replacement=True, generator=generator)
+        p = self.probabilities()
+        if torch.device(device).type == "mps":  # no float64 there
+            p = p.float()
+        return torch.multinomial(p.to(device), batch_size, replacement=True, generator=generator)
 
     def weights(self, t: torch.Tensor) -> torch.Tensor:
         """1 / (T p_t) (B,), float32, on t's device: 1 everywhere while t is uniform."""
-        p = self.probabilities().to(t.device)[t]
-        return (1.0 / (self.num_timesteps * p)).float()
+        p = self.probabilities()[t.cpu()]  # float64 on the CPU, on every device alike
+        return (1.0 / (self.num_timesteps * p)).float().to(t.device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Record each sample's loss at its t, in batch order (the oldest of a full t is dropped)."""
