@@ -166,7 +166,7 @@ class LossAwareTimesteps:
     def load_state_dict(self, state: dict) -> None:
         if state["losses"].shape != self.losses.shape or state["seen"].shape != self.seen.shape:
             raise RuntimeError(f"a loss history of shape {tuple(state['losses'].shape)}, not "
-                             f"{tuple(self.losses.shape)} (T = {self.num_timesteps}, {self.history} losses a step)")
+                               f"{tuple(self.losses.shape)} (T = {self.num_timesteps}, {self.history} losses a step)")
         self.losses = state["losses"].double().cpu().clone()
         self.seen = state["seen"].long().cpu().clone()
 

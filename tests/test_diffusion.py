@@ -174,7 +174,7 @@ def test_loss_aware_timesteps_are_uniform_until_every_step_holds_its_history():
 
 def test_loss_aware_probabilities_are_the_mixed_root_mean_square_and_keep_the_objective():
     """p_t = (1 - u) sqrt(E[L_t^2]) / sum + u / T, and E_{t ~ p}[w_t L_t] with w_t = 1 / (T p_t) is
-    the uniform-t mean (1/T) sum_t L_t, exactly."""
+    the uniform-t mean (1/T) sum_t L_t (up to the float32 of the weights)."""
     T, u = 6, 0.1
     losses = torch.rand(T, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64) + 0.1
     sampler = filled(LossAwareTimesteps(T, history=3, uniform_share=u), losses)
