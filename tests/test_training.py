@@ -64,6 +64,20 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert losses[0] == losses[1]
 
 
+def crash_after(run: Trainer, step: int) -> None:
+    """Run `run` until a RuntimeError kills it in the step after `step` (before that step trains)."""
+    original = run.train_step
+
+    def crash(x0, y):
+        if run.step == step:
+            raise RuntimeError("killed")
+        return original(x0, y)
+
+    run.train_step = crash
+    with pytest.raises(RuntimeError, match="killed"):
+        run.run()
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """A 20-step run that nothing interrupted or watched."""
@@ -77,17 +91,7 @@ def crashed(tmp_path_factory) -> Path:
     """The same run killed after step 15: last.pt holds step 10, log.jsonl runs to step 15 and
     ends in half a line, and a write it was making left its temporary file."""
     out = tmp_path_factory.mktemp("crashed")
-    run = trainer(out)
-    original = run.train_step
-
-    def crash_at_16(x0, y):
-        if run.step == 15:
-            raise RuntimeError("killed")
-        return original(x0, y)
-
-    run.train_step = crash_at_16
-    with pytest.raises(RuntimeError, match="killed"):
-        run.run()
+    crash_after(trainer(out), 15)
     assert load_checkpoint(out / "last.pt").train_state["step"] == 10
     assert [r["step"] for r in read_log(out / "log.jsonl")] == [5, 10, 15]
     with (out / "log.jsonl").open("a") as log:
@@ -270,17 +274,7 @@ def test_t_drawn_by_loss_starts_as_the_uniform_run_and_resumes_exactly(straight,
     assert [loss for _, loss in early] == pytest.approx([loss for _, loss in uniform], rel=1e-5)
 
     out = tmp_path / "crashed"
-    run = trainer(out, steps=180, checkpoint_every=160, timestep_sampling="loss")
-    original = run.train_step
-
-    def crash_at_171(x0, y):
-        if run.step == 170:
-            raise RuntimeError("killed")
-        return original(x0, y)
-
-    run.train_step = crash_at_171
-    with pytest.raises(RuntimeError, match="killed"):
-        run.run()
+    crash_after(trainer(out, steps=180, checkpoint_every=160, timestep_sampling="loss"), 170)
     history = load_checkpoint(out / "last.pt").train_state["timestep_history"]
     assert (history["seen"] >= 10).all()  # step 160 draws by the losses already
     trainer(out, steps=180, checkpoint_every=160, timestep_sampling="loss").run(resume=True)
