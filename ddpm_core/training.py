@@ -232,10 +232,9 @@ class Trainer:
         """Give the loss history every rank's (t, loss) of this step, in the global batch's order
         (rank r holds rows r, r + W, ...), so that every rank's history, and its next draws, agree."""
         shares = self.place.gather((t.cpu(), terms.cpu()))
-        world = self.place.world_size
-        order = [(rank, row) for row in range(len(shares[0][0])) for rank in range(world)]
-        self.timesteps.update(torch.stack([shares[rank][0][row] for rank, row in order]),
-                              torch.stack([shares[rank][1][row] for rank, row in order]))
+        # (rows, ranks) read row by row: row 0 of every rank, then row 1, ...: the global order
+        self.timesteps.update(torch.stack([t for t, _ in shares], 1).flatten(),
+                              torch.stack([terms for _, terms in shares], 1).flatten())
 
     # -- the run ----------------------------------------------------------------------------
     def run(self, resume: bool = False, progress: bool = False, extra_hooks: Sequence = ()) -> TrainResult:
